@@ -1,0 +1,112 @@
+"""Offline default: scikit-learn's bundled digits, a tiny DARTS network.
+
+Runs on a laptop CPU in a few minutes with nothing downloaded:
+
+  python -m dha_jax.main --config=configs/default.py --workdir=/tmp/dha_default
+
+Every other config file starts from this one and overrides fields; every
+field is documented here.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default configuration (every field documented)."""
+  config = ml_collections.ConfigDict()
+  # Seed of parameter init, augmentation sampling, batch order and dropout.
+  config.seed = 0
+  # What to run. 'train': train the fixed genotype `model.genotype`.
+  config.mode = 'train'
+
+  # ---------------------------------------------------------------- data
+  config.dataset = ml_collections.ConfigDict()
+  # Input source: 'digits' (scikit-learn's 8x8 digits, offline), 'image_folder'
+  # (a directory or .zip laid out split/class/image) or 'tfds' (a prepared
+  # TFDS dataset, read without TensorFlow through tfds.data_source).
+  config.dataset.source = 'digits'
+  # TFDS dataset name (source='tfds'), e.g. 'cifar10', 'imagenet2012'.
+  config.dataset.name = ''
+  # TFDS data_dir ('' = TFDS's default, ~/tensorflow_datasets).
+  config.dataset.data_dir = ''
+  # Image folder directory or .zip (source='image_folder').
+  config.dataset.path = ''
+  # Images are stored as uint8 squares of this size (before any crop).
+  config.dataset.image_size = 16
+  # Fraction of the training split held out as the HPO split.
+  config.dataset.val_ratio = 0.1
+  # Seed of the deterministic subset selection and train/HPO split.
+  config.dataset.split_seed = 0
+  # Use at most this many training / test examples (-1: all).
+  config.dataset.max_train_examples = -1
+  config.dataset.max_test_examples = -1
+  # Split names of the source (TFDS imagenet2012 uses 'validation' as test).
+  config.dataset.train_split = 'train'
+  config.dataset.test_split = 'test'
+  # Per-channel mean / std in [0, 1]; () = computed from training images.
+  config.dataset.mean = ()
+  config.dataset.std = ()
+
+  # ------------------------------------------------------ base preprocessing
+  config.preprocess = ml_collections.ConfigDict()
+  # 'cifar': pad-and-crop + horizontal flip; 'imagenet': random-resized crop to
+  # crop_size + flip, centre crop for evaluation; 'none': flip only.
+  config.preprocess.mode = 'cifar'
+  # Zero padding of the CIFAR-style random crop, in pixels.
+  config.preprocess.pad = 2
+  # Output size of the random-resized / centre crop ('imagenet' mode).
+  config.preprocess.crop_size = 224
+  # Horizontal flips in training (off for digits: mirrored digits are wrong).
+  config.preprocess.flip = False
+  # Side of the Cutout square on training images (0: no Cutout).
+  config.preprocess.cutout_size = 0
+
+  # --------------------------------------------------------------- network
+  config.model = ml_collections.ConfigDict()
+  # Width C of the first cells (doubled at each reduction cell).
+  config.model.channels = 8
+  # Number of cells; reduction cells sit at 1/3 and 2/3 of the depth.
+  config.model.layers = 3
+  # 'cifar' (3x3 conv stem) or 'imagenet' (three stride-2 convs).
+  config.model.stem = 'cifar'
+  # Auxiliary head after cell 2*layers//3, weighted by aux_weight.
+  config.model.auxiliary = False
+  config.model.aux_weight = 0.4
+  # Fixed architecture: 'darts_v2' or the path of a genotype.json.
+  config.model.genotype = 'darts_v2'
+  # Final drop-path probability (ramps linearly from 0 over training).
+  config.model.drop_path_prob = 0.0
+
+  # ------------------------------------------------------------- optimizer
+  config.optimizer = ml_collections.ConfigDict()
+  # SGD with momentum on θ; the learning rate follows a cosine schedule from
+  # learning_rate to min_learning_rate over the training steps.
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.min_learning_rate = 0.0
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 3e-4
+  # Global-norm gradient clipping threshold.
+  config.optimizer.grad_clip = 5.0
+  # 'cosine' or 'constant'.
+  config.optimizer.schedule = 'cosine'
+
+  # ------------------------------------------------------------ the loop
+  # Global batch size (divided evenly over all devices).
+  config.batch_size = 64
+  # Evaluation batch size (the last batch is padded and masked).
+  config.eval_batch_size = 256
+  # Training length in epochs of the training split, unless num_train_steps
+  # is positive, which then wins.
+  config.num_epochs = 30
+  config.num_train_steps = -1
+  # Log training metrics every this many steps.
+  config.log_every_steps = 50
+  # Save a checkpoint every this many steps (and at the end).
+  config.checkpoint_every_steps = 200
+  # Checkpoints kept in workdir/checkpoints.
+  config.keep_checkpoints = 2
+  # Folder of JAX's persistent compilation cache ('' = off). Reruns and
+  # resumed runs then skip most XLA compilation.
+  config.compilation_cache_dir = '~/.cache/dha_jax/xla'
+  return config

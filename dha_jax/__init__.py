@@ -1,0 +1,1 @@
+"""dha_jax: DHA (joint DA, HPO and NAS) in JAX/Flax/Optax."""

@@ -1,0 +1,86 @@
+"""The functional component API: how DA, HPO and NAS plug into one step.
+
+A component is a handful of pure functions over its own PyTree state. The
+train step (`dha_jax.step`) is composed from a list of components and knows
+them only through these functions; no component knows another. Every hook is
+optional:
+
+* `init(key) -> state`.
+* `augment(state, key, images) -> (images, stash)`: transforms the uint8
+  training batch before normalisation (DA samples op pairs here); `stash` is
+  handed back to `update`.
+* `trainable(state) -> tree`: the part of the state differentiated together
+  with θ through the training loss (NAS: the codes b).
+* `architecture(state, trainable) -> Architecture`: the network's
+  architecture for this step (NAS; at most one component supplies it).
+* `loss(state, trainable, logits, labels) -> per-example loss [B] | None`: a
+  replacement for the per-example cross-entropy (e.g. a learned label
+  smoothing); at most one component supplies it.
+* `hyperparams(state) -> {'learning_rate', 'weight_decay'}`: the η injected
+  into the inner optax optimizer (HPO; otherwise the config's schedule).
+* `update(state, ctx: StepContext) -> (state, metrics)`: learns from the
+  step's quantities after the forward/backward pass.
+* `epoch_end(state, epoch) -> (state, report)`: host-side, between steps, on
+  the slower clock (NAS: ISTA recovery, freezing, constraints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+PyTree = Any
+
+
+class StepContext(NamedTuple):
+  """What one train step hands to every component's `update`.
+
+  Attributes:
+    step: the step counter (int32 scalar) before this step.
+    key: a PRNG key for this component and step.
+    per_example_loss: ℓ_k [B], detached (Eq. 2 uses it as a weight).
+    grads: ∂ mean ℓ / ∂ trainable(state) for this component (None if none).
+    stash: what this component's `augment` returned (None if none).
+    params: θ before the update; param_grads: ∂ mean ℓ / ∂θ (clipping is
+      part of the optimizer).
+    inner_update: hparams -> θ⁺, the real optax step of θ as a function of
+      η (Eq. 3), for hypergradients.
+    heldout_loss: θ -> mean loss on the un-augmented HPO batch (Eq. 4).
+  """
+  step: jax.Array
+  key: jax.Array
+  per_example_loss: jax.Array
+  grads: PyTree
+  stash: PyTree
+  params: PyTree
+  param_grads: PyTree
+  inner_update: Callable[[dict], PyTree]
+  heldout_loss: Callable[[PyTree], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """A named bundle of pure functions (see the module docstring)."""
+  name: str
+  init: Callable[[jax.Array], PyTree]
+  augment: Callable[..., tuple[jax.Array, PyTree]] | None = None
+  trainable: Callable[[PyTree], PyTree] | None = None
+  architecture: Callable[[PyTree, PyTree], Any] | None = None
+  loss: Callable[..., jax.Array] | None = None
+  hyperparams: Callable[[PyTree], dict] | None = None
+  update: Callable[[PyTree, StepContext], tuple[PyTree, dict]] | None = None
+  epoch_end: Callable[[PyTree, int], tuple[PyTree, dict]] | None = None
+
+
+def check_components(components: list[Component]) -> None:
+  """Raises ValueError on duplicate names or two owners of a single slot."""
+  names = [c.name for c in components]
+  if len(set(names)) != len(names):
+    raise ValueError(f'component names must be unique, got {names}')
+  for slot in ('architecture', 'loss', 'hyperparams'):
+    owners = [c.name for c in components if getattr(c, slot) is not None]
+    if len(owners) > 1:
+      raise ValueError(f'only one component may supply {slot!r}; '
+                       f'{owners} all do')

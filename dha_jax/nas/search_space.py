@@ -1,0 +1,200 @@
+"""The DARTS cell search space and the architecture as an explicit PyTree.
+
+A cell has `NUM_NODES` intermediate nodes; node i (0-based) reads from i + 2
+inputs (the two previous cells' outputs, then nodes 0..i-1), so a cell has
+2 + 3 + 4 + 5 = 14 edges. Every edge can carry any op of the search space's
+primitive list. A *support* says which (edge, op) pairs of each node exist;
+an `Architecture` adds one real-valued weight α per supported pair:
+
+    node_i = Σ_{(e, o) ∈ S_i} α_{i,(e,o)} · op_o(input_e)
+
+The support is static PyTree metadata (a hashable tuple), the α values are
+array leaves. Changing the support changes the tree structure, so `jax.jit`
+retraces and compiles once per support and caches the result; changing α
+never recompiles. A fixed genotype is the special case α = 1 with two pairs
+per node on two distinct edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import NamedTuple, Sequence
+
+import flax.struct
+import jax.numpy as jnp
+import numpy as np
+
+# The 7 ISTA-NAS candidate operations, in the reference order
+# (dha_reference.md §C). `none` is prepended when `include_none` is set.
+ISTA_PRIMITIVES: tuple[str, ...] = (
+    'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
+    'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
+NONE_OP = 'none'
+NUM_NODES = 4
+NUM_INPUTS_FIRST_NODE = 2
+CELL_TYPES: tuple[str, ...] = ('normal', 'reduce')
+
+
+def primitives(include_none: bool = False) -> tuple[str, ...]:
+  """Candidate ops of the search space: the 7 ISTA-NAS ops, optionally `none`."""
+  return ((NONE_OP,) if include_none else ()) + ISTA_PRIMITIVES
+
+
+def num_edges(node: int) -> int:
+  """Number of input edges of intermediate node `node` (0-based): node + 2."""
+  return node + NUM_INPUTS_FIRST_NODE
+
+
+# A node's support: sorted (edge, op_name) pairs; a cell's: one per node.
+NodeSupport = tuple[tuple[int, str], ...]
+CellSupport = tuple[NodeSupport, ...]
+
+
+class Genotype(NamedTuple):
+  """A DARTS genotype: per node two (op_name, input_index) pairs."""
+  normal: tuple[tuple[str, int], ...]
+  normal_concat: tuple[int, ...]
+  reduce: tuple[tuple[str, int], ...]
+  reduce_concat: tuple[int, ...]
+
+  def to_json(self) -> str:
+    return json.dumps(
+        {'normal': [list(p) for p in self.normal],
+         'normal_concat': list(self.normal_concat),
+         'reduce': [list(p) for p in self.reduce],
+         'reduce_concat': list(self.reduce_concat)}, indent=2)
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Genotype':
+    """Parses the JSON written by `to_json`; raises ValueError if malformed."""
+    try:
+      d = json.loads(text)
+      g = cls(normal=tuple((str(o), int(i)) for o, i in d['normal']),
+              normal_concat=tuple(int(i) for i in d['normal_concat']),
+              reduce=tuple((str(o), int(i)) for o, i in d['reduce']),
+              reduce_concat=tuple(int(i) for i in d['reduce_concat']))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(
+          'A genotype JSON needs keys normal, normal_concat, reduce, '
+          f'reduce_concat with [op_name, input_index] pairs: {e}') from e
+    genotype_to_support(g)  # validates ops and indices
+    return g
+
+
+# DARTS-V2 (Liu et al., 2019), the genotype built into the package.
+DARTS_V2 = Genotype(
+    normal=(('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0),
+            ('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0),
+            ('skip_connect', 0), ('dil_conv_3x3', 2)),
+    normal_concat=(2, 3, 4, 5),
+    reduce=(('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2),
+            ('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2),
+            ('skip_connect', 2), ('max_pool_3x3', 1)),
+    reduce_concat=(2, 3, 4, 5))
+
+GENOTYPES = {'darts_v2': DARTS_V2}
+
+
+def _check_cell(pairs: Sequence[tuple[str, int]], ops: Sequence[str],
+                name: str) -> None:
+  if len(pairs) != 2 * NUM_NODES:
+    raise ValueError(f'genotype.{name} needs {2 * NUM_NODES} (op, input) '
+                     f'pairs (2 per node), got {len(pairs)}')
+  for k, (op, inp) in enumerate(pairs):
+    node = k // 2
+    if op not in ops:
+      raise ValueError(f'genotype.{name}[{k}]: unknown op {op!r}; '
+                       f'known ops are {list(ops)}')
+    if not 0 <= inp < num_edges(node):
+      raise ValueError(f'genotype.{name}[{k}]: input {inp} out of range '
+                       f'[0, {num_edges(node)}) for node {node}')
+
+
+def genotype_to_support(genotype: Genotype) -> dict[str, CellSupport]:
+  """Converts a genotype to per-cell-type supports (validating it)."""
+  ops = primitives(include_none=False)
+  out = {}
+  for cell, pairs in (('normal', genotype.normal),
+                      ('reduce', genotype.reduce)):
+    _check_cell(pairs, ops, cell)
+    out[cell] = tuple(
+        tuple(sorted((inp, op) for op, inp in pairs[2 * n:2 * n + 2]))
+        for n in range(NUM_NODES))
+  return out
+
+
+def support_to_genotype(support: dict[str, CellSupport]) -> Genotype:
+  """Converts supports with two pairs per node into a DARTS genotype."""
+  cells = {}
+  for cell in CELL_TYPES:
+    pairs = []
+    for node in support[cell]:
+      if len(node) != 2:
+        raise ValueError(f'a genotype needs 2 (edge, op) pairs per node, '
+                         f'got {node}')
+      pairs.extend((op, edge) for edge, op in node)
+    cells[cell] = tuple(pairs)
+  concat = tuple(range(2, 2 + NUM_NODES))
+  return Genotype(cells['normal'], concat, cells['reduce'], concat)
+
+
+def dense_support(ops: Sequence[str]) -> dict[str, CellSupport]:
+  """Every (edge, op) pair of every node: the dense all-ops super-network."""
+  node = lambda n: tuple((e, o) for e in range(num_edges(n)) for o in ops)
+  return {c: tuple(node(n) for n in range(NUM_NODES)) for c in CELL_TYPES}
+
+
+@flax.struct.dataclass
+class Architecture:
+  """An architecture as a PyTree: static support, α values as leaves.
+
+  Attributes:
+    weights: {'normal': (α_0, ..., α_3), 'reduce': (...)}, α_i of shape
+      [len(support[cell][i])], aligned with the support's pairs.
+    support: static metadata, a tuple of (cell_type, CellSupport) items; part
+      of the tree structure, so a new support is a new jit cache entry.
+  """
+  weights: dict[str, tuple[jnp.ndarray, ...]]
+  support: tuple[tuple[str, CellSupport], ...] = flax.struct.field(
+      pytree_node=False)
+
+  def cell_support(self, cell: str) -> CellSupport:
+    return dict(self.support)[cell]
+
+  @property
+  def support_dict(self) -> dict[str, CellSupport]:
+    return dict(self.support)
+
+
+def make_architecture(support: dict[str, CellSupport],
+                      weights: dict[str, Sequence[jnp.ndarray]] | None = None,
+                      ) -> Architecture:
+  """Builds an `Architecture`; α defaults to one for every supported pair."""
+  if weights is None:
+    weights = {c: [np.ones((len(n),), np.float32) for n in support[c]]
+               for c in CELL_TYPES}
+  w = {c: tuple(jnp.asarray(a, jnp.float32) for a in weights[c])
+       for c in CELL_TYPES}
+  for c in CELL_TYPES:
+    for n, (a, s) in enumerate(zip(w[c], support[c])):
+      if a.shape != (len(s),):
+        raise ValueError(f'α[{c}][{n}] has shape {a.shape}, support has '
+                         f'{len(s)} pairs')
+  return Architecture(weights=w,
+                      support=tuple((c, support[c]) for c in CELL_TYPES))
+
+
+def genotype_architecture(genotype: Genotype) -> Architecture:
+  """The fixed-architecture network of a genotype: α = 1 on its pairs."""
+  return make_architecture(genotype_to_support(genotype))
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """Static description of the cell search space used by a run."""
+  ops: tuple[str, ...] = ISTA_PRIMITIVES
+
+  def node_size(self, node: int) -> int:
+    """n_i = |ops| · (i + 2): the length of node i's α / x vector."""
+    return len(self.ops) * num_edges(node)
