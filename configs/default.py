@@ -10,14 +10,26 @@ field is documented here.
 
 import ml_collections
 
+from dha_jax import hpo
+from dha_jax.augment import component as da_component
+from dha_jax.nas import component as nas_component
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The default configuration (every field documented)."""
   config = ml_collections.ConfigDict()
   # Seed of parameter init, augmentation sampling, batch order and dropout.
   config.seed = 0
-  # What to run. 'train': train the fixed genotype `model.genotype`.
-  config.mode = 'train'
+  # What to run (the paper's methods; dha_jax/train.py MODES):
+  #   'train'               train the fixed genotype `model.genotype`;
+  #   'dha'                 one-stage ISTA-NAS + DA + HPO, jointly (DHA);
+  #   'ista_one_stage'      NAS only (One-Stage ISTA);
+  #   'nas_da', 'nas_hpo'   joint ablations;
+  #   'ista_two_stage'      search b on the HPO batch, retrain from scratch;
+  #   'sequential_dha', 'sequential_nas_da', 'sequential_nas_hpo'
+  #                         two-stage search, then train the genotype from
+  #                         scratch with DA and/or HPO.
+  config.mode = 'dha'
 
   # ---------------------------------------------------------------- data
   config.dataset = ml_collections.ConfigDict()
@@ -46,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-channel mean / std in [0, 1]; () = computed from training images.
   config.dataset.mean = ()
   config.dataset.std = ()
+  # 'auto': decode everything into memory when train + test fit in 4 GiB of
+  # uint8, else decode lazily per batch; 'true' / 'false' force it.
+  config.dataset.in_memory = 'auto'
 
   # ------------------------------------------------------ base preprocessing
   config.preprocess = ml_collections.ConfigDict()
@@ -90,6 +105,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 5.0
   # 'cosine' or 'constant'.
   config.optimizer.schedule = 'cosine'
+
+  # -------------------------------------------------- AutoML components
+  # Each block's fields are documented where it is defined.
+  # DA: τ over op pairs (dha_jax/augment/component.py:default_config).
+  config.da = da_component.default_config()
+  # HPO: η = (learning rate, weight decay) (dha_jax/hpo.py:default_config).
+  config.hpo = hpo.default_config()
+  # NAS: one-stage ISTA-NAS (dha_jax/nas/component.py:default_config).
+  config.nas = nas_component.default_config()
+  # A short run needs α of order one from the start: with the reference's
+  # b ~ 1e-3·N(0, 1) the child network's output starts near zero, which a
+  # 600-epoch schedule absorbs but a few hundred steps do not.
+  config.nas.code_init_scale = 1.0
+  # b (of order one here) moves ~1e-2 per epoch: freeze at that scale.
+  config.nas.dist_limit = 0.02
+  config.nas.search_epochs = 6
+  # User components, 'module:factory' entries separated by commas; each
+  # factory(config) returns a dha_jax.Component (see README).
+  config.extra_components = ''
 
   # ------------------------------------------------------------ the loop
   # Global batch size (divided evenly over all devices).

@@ -47,7 +47,9 @@ class StepContext(NamedTuple):
       part of the optimizer).
     inner_update: hparams -> θ⁺, the real optax step of θ as a function of
       η (Eq. 3), for hypergradients.
-    heldout_loss: θ -> mean loss on the un-augmented HPO batch (Eq. 4).
+    heldout_loss: (θ, overrides=None) -> mean loss on the un-augmented HPO
+      batch (Eq. 4); `overrides` {component name: trainable} replaces
+      components' trainable parts (to differentiate w.r.t. them).
   """
   step: jax.Array
   key: jax.Array
@@ -57,7 +59,7 @@ class StepContext(NamedTuple):
   params: PyTree
   param_grads: PyTree
   inner_update: Callable[[dict], PyTree]
-  heldout_loss: Callable[[PyTree], jax.Array]
+  heldout_loss: Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)

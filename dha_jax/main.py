@@ -4,6 +4,7 @@ Fields of the config are overridden with `--config.field=value`. Everything
 else lives in `dha_jax.train`, which Colab notebooks import directly.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -33,9 +34,18 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the checkpoint library's INFO chatter from the run's log."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return ('orbax' not in record.pathname
+            or record.levelno >= std_logging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info('JAX %s on %d %s device(s).', jax.__version__,
                jax.device_count(), jax.default_backend())
   enable_compilation_cache(FLAGS.config.compilation_cache_dir)

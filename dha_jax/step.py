@@ -85,33 +85,11 @@ class Preprocess:
                std=tuple(map(float, std)))
 
 
-def train_geometry(pre: Preprocess, key: jax.Array,
-                   images: jax.Array) -> jax.Array:
-  """Step 1: crop and flip the uint8 batch [B,H,W,C]."""
-  crop_key, flip_key = jax.random.split(key)
-  if pre.mode == 'cifar':
-    images = augment_base.pad_and_crop(crop_key, images, pre.pad)
-  elif pre.mode == 'imagenet':
-    images = augment_base.random_resized_crop(crop_key, images, pre.crop_size)
-  if pre.flip:
-    images = augment_base.random_flip(flip_key, images)
-  return images
-
-
-def finalize_train(pre: Preprocess, key: jax.Array,
-                   images: jax.Array) -> jax.Array:
-  """Step 3: normalise the uint8 batch to float32, then Cutout."""
-  images = augment_base.normalize(images, pre.mean, pre.std)
-  if pre.cutout_size > 0:
-    images = augment_base.cutout(key, images, pre.cutout_size)
-  return images
-
-
 def eval_images(pre: Preprocess, images: jax.Array) -> jax.Array:
-  """Evaluation and HPO-batch preprocessing: centre crop, normalise."""
-  if pre.mode == 'imagenet':
-    images = augment_base.center_crop(images, pre.crop_size)
-  return augment_base.normalize(images, pre.mean, pre.std)
+  """Evaluation and HPO-batch preprocessing: [centre crop], normalise."""
+  return augment_base.eval_preprocess(images, mode=pre.mode,
+                                      crop_size=pre.crop_size, mean=pre.mean,
+                                      std=pre.std)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -148,14 +126,18 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
   comp_keys = {c.name: jax.random.fold_in(comp_key, i)
                for i, c in enumerate(components)}
 
-  images = train_geometry(pre, geo_key, images)
+  images = augment_base.train_geometry(
+      geo_key, images, mode=pre.mode, pad=pre.pad, crop_size=pre.crop_size,
+      flip=pre.flip)
   stash = {}
   for c in components:
     if c.augment is not None:
       images, stash[c.name] = c.augment(
           state.components[c.name], jax.random.fold_in(comp_keys[c.name], 0),
           images)
-  images = finalize_train(pre, cutout_key, images)
+  images = augment_base.train_finalize(cutout_key, images, mean=pre.mean,
+                                       std=pre.std,
+                                       cutout_size=pre.cutout_size)
 
   arch_owner = _owner(components, 'architecture')
   loss_owner = _owner(components, 'loss')
@@ -202,10 +184,11 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
 
   hpo_images = eval_images(pre, hpo_batch[0])
 
-  def heldout_loss(params):
+  def heldout_loss(params, overrides=None):
     # Main-head loss on the un-augmented HPO batch, BN in training mode as
     # the reference (dha_reference.md §B); its batch statistics are not kept.
-    per_example, _, _ = forward(params, trainables, new_stats, hpo_images,
+    values = trainables if overrides is None else {**trainables, **overrides}
+    per_example, _, _ = forward(params, values, new_stats, hpo_images,
                                 hpo_batch[1], {'dropout': drop_key}, False)
     return jnp.mean(per_example)
 
@@ -213,7 +196,7 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
              'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
              'learning_rate': hparams['learning_rate'],
              'weight_decay': hparams['weight_decay'],
-             'grad_norm': optax.global_norm(param_grads)}
+             'grad_norm': optax.tree.norm(param_grads)}
   new_components = dict(state.components)
   for c in components:
     if c.update is None:

@@ -1,0 +1,93 @@
+"""DA as a component: sample op pairs from τ, augment, learn τ by Eq. 2.
+
+Per step (Algorithm 1): P̃ = softmax((log p(τ) + G)/T) with fresh Gumbel noise
+G, each example draws an ordered pair (op1, op2) ~ P̃ and magnitudes
+m ~ U(0, magnitude) clipped to [0, max_level]; after the forward pass τ takes
+one SGD step on the importance-weighted loss
+
+  L_DA(τ) = mean_k −stop_grad(ℓ_k) · p_τ(op1_k, op2_k)               (Eq. 2)
+
+which raises the probability of pairs that produce a high training loss
+(hard but useful augmentations). τ is pushed to the sampler at every step
+(the reference effectively does it once per epoch, dha_reference.md §A).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import ml_collections
+import optax
+
+from dha_jax.augment import ops
+from dha_jax.augment import policy
+from dha_jax.components import Component, StepContext
+
+
+@flax.struct.dataclass
+class DAState:
+  """τ's logits [K, K] and their optimizer state."""
+  logits: jax.Array
+  opt_state: Any
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The DA fields (documented; `config.da` in the run configs)."""
+  c = ml_collections.ConfigDict()
+  # Gumbel temperature T of the per-step sampling distribution P̃.
+  c.temperature = 1.0
+  # Magnitudes are drawn from U(0, magnitude) and clipped to [0, max_level]:
+  # the paper's [0, 10]; the reference code uses max_level = 8.
+  c.magnitude = 10.0
+  c.max_level = 10.0
+  # Fill value of the geometric ops (rotate, shear, translate).
+  c.fill_value = 128
+  # SGD on τ (the reference's d_lr, d_momentum, d_nesterov, d_weight_decay).
+  # Eq. 2's gradients are O(ℓ/K⁴) per logit, hence a large learning rate.
+  c.policy_lr = 2.0
+  c.policy_momentum = 0.9
+  c.policy_nesterov = False
+  c.policy_weight_decay = 0.0
+  return c
+
+
+def policy_optimizer(config: ml_collections.ConfigDict
+                     ) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.add_decayed_weights(config.policy_weight_decay),
+      optax.sgd(config.policy_lr, momentum=config.policy_momentum or None,
+                nesterov=config.policy_nesterov))
+
+
+def make_component(config: ml_collections.ConfigDict,
+                   name: str = 'da') -> Component:
+  """The DA component over the 14 ops (`ops.OP_NAMES`)."""
+  tx = policy_optimizer(config)
+
+  def init(key: jax.Array) -> DAState:
+    del key  # τ starts uniform
+    logits = policy.init_policy(ops.NUM_OPS)
+    return DAState(logits=logits, opt_state=tx.init(logits))
+
+  def augment(state: DAState, key: jax.Array, images: jax.Array):
+    pair_key, op_key = jax.random.split(key)
+    op1, op2 = policy.sample_pairs(pair_key, state.logits, images.shape[0],
+                                   config.temperature)
+    images = ops.augment_pairs(op_key, images, op1, op2,
+                               magnitude=config.magnitude,
+                               max_level=config.max_level,
+                               fill_value=config.fill_value)
+    return images, (op1, op2)
+
+  def update(state: DAState, ctx: StepContext):
+    op1, op2 = ctx.stash
+    loss, grads = jax.value_and_grad(policy.policy_loss)(
+        state.logits, ctx.per_example_loss, op1, op2)
+    updates, opt_state = tx.update(grads, state.opt_state, state.logits)
+    logits = optax.apply_updates(state.logits, updates)
+    return (DAState(logits=logits, opt_state=opt_state),
+            {'policy_loss': loss, 'entropy': policy.policy_entropy(logits)})
+
+  return Component(name=name, init=init, augment=augment, update=update)

@@ -1,0 +1,139 @@
+"""NAS as a component: one-stage ISTA-NAS inside the train step.
+
+Per step the network runs the sparse child on α = Eq. 7 of the codes b
+(`ista.architecture_from_codes`), and b moves by Adam (betas 0.5, 0.999, L2
+weight decay, as the reference) on either
+
+* the training loss, one-level, from the same backward pass as θ
+  (`code_loss='train'`: one-stage ISTA-NAS and DHA), or
+* the held-out HPO batch (`code_loss='heldout'`: the two-stage ISTA search,
+  first-order alternating, dha_reference.md §C).
+
+Frozen nodes keep their b exactly (their Adam updates are zeroed). Per epoch
+(`epoch_end`, host side) x̂ is recovered by FISTA, nodes freeze and the
+resource constraint is checked (Eq. 1) on the parameter count of the network
+the candidate support would give; a new support retraces the jitted step once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from dha_jax.components import Component, StepContext
+from dha_jax.nas import ista
+from dha_jax.nas import search_space
+
+BYTES_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
+
+
+@flax.struct.dataclass
+class NASState:
+  """The search state: ISTA-NAS codes and problems, and b's Adam state."""
+  ista: ista.IstaState
+  opt_state: Any
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The NAS fields (documented; `config.nas` in the run configs)."""
+  c = ml_collections.ConfigDict()
+  # Adam on b: learning rate, L2 weight decay, betas (ISTA-NAS one-stage).
+  c.code_lr = 3e-4
+  c.code_weight_decay = 1e-3
+  c.code_betas = (0.5, 0.999)
+  # m, the length of each node's code b_i (ISTA-NAS proj_dims).
+  c.proj_dims = ista.DEFAULT_PROJ_DIMS
+  # Scale of b's N(0, 1) initialisation.
+  c.code_init_scale = ista.DEFAULT_B_INIT_SCALE
+  # A node freezes when its recovered x̂ moved by at most this (L2) in an
+  # epoch; the search ends when every node is frozen.
+  c.dist_limit = ista.DEFAULT_DIST_LIMIT
+  # Eq. 1: refuse a support whose network exceeds this many million
+  # parameters (-1: no constraint).
+  c.param_limit_mb = -1.0
+  # Adds `none` to the 7 ISTA-NAS ops (never selected into the support).
+  c.include_none = False
+  # Search budget in epochs; the fixed-architecture phase follows.
+  c.search_epochs = 10
+  # Which loss trains b: 'train' (one-level, one-stage) or 'heldout'.
+  c.code_loss = 'train'
+  # FISTA iterations cap for each per-epoch recovery.
+  c.max_iters = ista.DEFAULT_MAX_ITERS
+  return c
+
+
+def ista_config(config: ml_collections.ConfigDict) -> ista.IstaConfig:
+  return ista.IstaConfig(
+      ops=search_space.primitives(config.include_none),
+      proj_dims=config.proj_dims, b_init_scale=config.code_init_scale,
+      max_iters=config.max_iters)
+
+
+def code_optimizer(config: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """Adam with L2 weight decay added to the gradient (torch's Adam)."""
+  b1, b2 = config.code_betas
+  return optax.chain(optax.add_decayed_weights(config.code_weight_decay),
+                     optax.scale_by_adam(b1=b1, b2=b2),
+                     optax.scale(-config.code_lr))
+
+
+def make_component(config: ml_collections.ConfigDict,
+                   param_count_fn: Callable[[dict], int] | None = None,
+                   name: str = 'nas') -> Component:
+  """One-stage ISTA-NAS as a `Component`.
+
+  Args:
+    config: the NAS config (`default_config`).
+    param_count_fn: maps a support {cell: CellSupport} to the parameter count
+      of the network built on it (Eq. 1's resource); needed when
+      `config.param_limit_mb > 0`.
+    name: component name (metrics prefix).
+  """
+  if config.code_loss not in ('train', 'heldout'):
+    raise ValueError(f"nas.code_loss must be 'train' or 'heldout', got "
+                     f'{config.code_loss!r}')
+  limit = config.param_limit_mb if config.param_limit_mb > 0 else None
+  if limit is not None and param_count_fn is None:
+    raise ValueError('nas.param_limit_mb needs a param_count_fn')
+  tx = code_optimizer(config)
+  icfg = ista_config(config)
+
+  def init(key: jax.Array) -> NASState:
+    state = ista.init_ista(key, icfg)
+    return NASState(ista=state, opt_state=tx.init(state.b))
+
+  def update(state: NASState, ctx: StepContext):
+    grads = ctx.grads
+    if config.code_loss == 'heldout':
+      grads = jax.grad(lambda b: ctx.heldout_loss(ctx.params, {name: b}))(
+          state.ista.b)
+    updates, opt_state = tx.update(grads, state.opt_state, state.ista.b)
+    updates = ista.zero_frozen(state.ista, updates)
+    new_b = optax.apply_updates(state.ista.b, updates)
+    return (NASState(ista=state.ista.replace(b=new_b), opt_state=opt_state),
+            {'code_grad_norm': optax.tree.norm(grads)})
+
+  def epoch_end(state: NASState, epoch: int):
+    mb_fn = (None if limit is None
+             else lambda support: param_count_fn(support) / BYTES_PER_MB)
+    new_ista, report = ista.recover(
+        state.ista, epoch=epoch, dist_limit=config.dist_limit,
+        param_count_fn=mb_fn, param_limit=limit)
+    return state.replace(ista=new_ista), report
+
+  return Component(
+      name=name, init=init, trainable=lambda s: s.ista.b,
+      architecture=lambda s, b: ista.architecture_from_codes(s.ista, b),
+      update=update, epoch_end=epoch_end)
+
+
+def final_architecture(state: NASState) -> search_space.Architecture:
+  """The architecture handed to the fixed phase: α of the current b, fixed."""
+  arch = ista.architecture_from_codes(state.ista, state.ista.b)
+  return jax.tree.map(np.asarray, arch)

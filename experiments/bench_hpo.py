@@ -1,0 +1,69 @@
+"""Step-time cost of the HPO hypergradient against a plain train step.
+
+Times three train steps on the same network (the DARTS-V2 cell network) and
+batch: plain (fixed η), HPO `exact` (Eq. 4: one more forward/backward on the
+HPO batch at θ⁺) and HPO `online` (the next step's training gradient; only
+the linearised optax update is added). The last line printed is JSON:
+
+  python -m experiments.bench_hpo [--channels 8 --layers 5 --batch 16 --size 32]
+
+Keys: `<mode>_step_s`, `<mode>_compile_s`, `exact_over_plain`,
+`online_over_plain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+
+from configs import default as default_config
+from dha_jax import hpo
+from dha_jax import train
+from dha_jax.nas import search_space as ss
+from experiments import benchlib
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--channels', type=int, default=8)
+  parser.add_argument('--layers', type=int, default=5)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--size', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=5)
+  args = parser.parse_args()
+
+  config = default_config.get_config()
+  config.model.channels = args.channels
+  config.model.layers = args.layers
+  config.model.auxiliary = False
+  model = train.create_model(config, 10)
+  arch = ss.genotype_architecture(ss.DARTS_V2)
+  variables = train.init_variables(model, arch, (1, args.size, args.size, 3),
+                                   jax.random.key(0))
+  batch = benchlib.random_batch(args.batch, args.size)
+
+  results = {}
+  for mode in ('plain', 'exact', 'online'):
+    components = ()
+    if mode != 'plain':
+      hpo_config = hpo.default_config()
+      hpo_config.mode = mode
+      components = (hpo.make_component(hpo_config, variables['params']),)
+    r = benchlib.time_train_step(config, model, variables, components, arch,
+                                 batch, args.steps)
+    results[f'{mode}_compile_s'] = r['compile_s']
+    results[f'{mode}_step_s'] = r['step_s']
+    print(f'{mode}: compile {r["compile_s"]:.1f} s, step {r["step_s"]:.3f} s',
+          flush=True)
+  for mode in ('exact', 'online'):
+    results[f'{mode}_over_plain'] = (results[f'{mode}_step_s']
+                                     / results['plain_step_s'])
+  results.update(channels=args.channels, layers=args.layers, batch=args.batch,
+                 size=args.size, **benchlib.machine_info())
+  print(json.dumps(results, sort_keys=True))
+
+
+if __name__ == '__main__':
+  main()

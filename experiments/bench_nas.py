@@ -1,0 +1,86 @@
+"""Sparse child network vs dense all-ops super-network: compile and step time.
+
+The NAS component runs, at every step, only the (edge, op) pairs of the
+current support (2 per node), with real-valued α (Eq. 7). The alternative is
+the dense super-network that computes every candidate op on every edge and
+weights it by α (zero off the support). Both are timed here with the same
+train step, network size and batch; the last line printed is JSON:
+
+  python -m experiments.bench_nas [--channels 8 --layers 5 --batch 16 --size 32]
+
+Keys: sparse/dense compile seconds and step seconds, `sparse_over_dense`
+(step time ratio; target ≤ 0.4) and `search_images_per_s` (the NAS search
+step: sparse child, gradients for θ and the codes b, Adam on b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import default as default_config
+from dha_jax import train
+from dha_jax.nas import search_space as ss
+from experiments import benchlib
+
+
+def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  config = default_config.get_config()
+  config.model.channels = args.channels
+  config.model.layers = args.layers
+  config.model.auxiliary = False
+  config.dataset.image_size = args.size
+  config.batch_size = args.batch
+  return config
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--channels', type=int, default=8)
+  parser.add_argument('--layers', type=int, default=5)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--size', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=5)
+  args = parser.parse_args()
+
+  config = bench_config(args)
+  ops = ss.primitives()
+  model = train.create_model(config, 10)
+  dense = ss.dense_support(ops)
+  sparse = ss.genotype_to_support(ss.DARTS_V2)
+  rng = np.random.default_rng(0)
+  sparse_w = {c: [rng.normal(size=len(n)).astype(np.float32)
+                  for n in sparse[c]] for c in ss.CELL_TYPES}
+  dense_w = {c: [np.zeros(len(n), np.float32) for n in dense[c]]
+             for c in ss.CELL_TYPES}
+  for c in ss.CELL_TYPES:
+    for node, pairs in enumerate(sparse[c]):
+      for k, pair in enumerate(pairs):
+        dense_w[c][node][dense[c][node].index(pair)] = sparse_w[c][node][k]
+  shape = (1, args.size, args.size, 3)
+  variables = train.init_variables(model, ss.make_architecture(dense), shape,
+                                   jax.random.key(0))
+  batch = benchlib.random_batch(args.batch, args.size)
+
+  results = {}
+  for name, arch in (('sparse', ss.make_architecture(sparse, sparse_w)),
+                     ('dense', ss.make_architecture(dense, dense_w))):
+    r = benchlib.time_train_step(config, model, variables, (), arch, batch,
+                                 args.steps)
+    results[f'{name}_compile_s'] = r['compile_s']
+    results[f'{name}_step_s'] = r['step_s']
+    print(f'{name}: compile {r["compile_s"]:.1f} s, step {r["step_s"]:.3f} s',
+          flush=True)
+  results['sparse_over_dense'] = (results['sparse_step_s']
+                                  / results['dense_step_s'])
+  results.update(channels=args.channels, layers=args.layers, batch=args.batch,
+                 size=args.size, **benchlib.machine_info())
+  print(json.dumps(results, sort_keys=True))
+
+
+if __name__ == '__main__':
+  main()

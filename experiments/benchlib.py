@@ -1,0 +1,72 @@
+"""Shared helpers of the benchmarks: timing a configured train step."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dha_jax import parallel
+from dha_jax import step as step_lib
+from dha_jax import train
+from dha_jax.components import Component
+
+BENCH_LR = 0.05
+BENCH_WD = 3e-4
+
+
+def time_train_step(config: ml_collections.ConfigDict, model: Any,
+                    variables: dict, components: Sequence[Component],
+                    fixed_arch: Any, batch: tuple[np.ndarray, np.ndarray],
+                    steps: int) -> dict[str, float]:
+  """Compile seconds and the best of `steps` step seconds, on one device."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tx = train.make_inner_optimizer(config)
+  pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
+  fn = step_lib.make_train_step(
+      mesh, model=model, tx=tx, components=tuple(components),
+      fixed_arch=fixed_arch, pre=pre, aux_weight=config.model.aux_weight,
+      default_hparams=lambda s: {'learning_rate': jnp.float32(BENCH_LR),
+                                 'weight_decay': jnp.float32(BENCH_WD)},
+      drop_path_rate=lambda s: jnp.float32(0.0))
+  keys = jax.random.split(jax.random.key(2), max(len(components), 1))
+  state = step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']),
+      components={c.name: c.init(k) for c, k in zip(components, keys)},
+      rng=jax.random.key_data(jax.random.key(1)))
+  batch = parallel.shard_batch(mesh, batch)
+  state = parallel.replicate(mesh, state)
+  start = time.perf_counter()
+  compiled = fn.lower(state, batch, batch).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {'compile_s': compile_s, 'step_s': float(np.min(times))}
+
+
+def random_batch(batch: int, size: int, classes: int = 10,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+          rng.integers(0, classes, (batch,)).astype(np.int32))
+
+
+def machine_info() -> dict[str, Any]:
+  """Where the figures come from (report them with the numbers)."""
+  return {'backend': jax.default_backend(), 'devices': jax.device_count(),
+          'device_kind': jax.devices()[0].device_kind,
+          'cpu_count': os.cpu_count(),
+          'machine': platform.processor() or platform.machine(),
+          'jax': jax.__version__}

@@ -1,0 +1,116 @@
+"""The component API: slot checks, the built-in components' hooks, and a
+user-written component (experiments/custom_component.py) composed into the
+step without editing it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dha_jax
+from configs import default as default_config
+from dha_jax import train
+from dha_jax.augment import component as da_component
+from dha_jax.augment import policy
+from dha_jax.components import check_components
+from dha_jax.nas import component as nas_component
+from dha_jax.nas import ista
+from experiments import custom_component
+
+
+def _ctx(**kw):
+  fields = dict(step=jnp.int32(0), key=jax.random.key(0),
+                per_example_loss=None, grads=None, stash=None, params=None,
+                param_grads=None, inner_update=None, heldout_loss=None)
+  fields.update(kw)
+  return dha_jax.StepContext(**fields)
+
+
+def test_check_components_refuses_duplicates_and_two_owners():
+  a = dha_jax.Component(name='a', init=lambda k: 0, loss=lambda *x: 0)
+  b = dha_jax.Component(name='b', init=lambda k: 0, loss=lambda *x: 0)
+  with pytest.raises(ValueError, match='unique'):
+    check_components([a, a])
+  with pytest.raises(ValueError, match="only one component may supply 'loss'"):
+    check_components([a, b])
+
+
+def test_da_component_augments_and_raises_the_hardest_pair():
+  comp = da_component.make_component(da_component.default_config())
+  state = comp.init(jax.random.key(0))
+  images = jnp.asarray(np.random.default_rng(0).integers(
+      0, 256, (32, 8, 8, 3)), jnp.uint8)
+  out, (op1, op2) = comp.augment(state, jax.random.key(1), images)
+  assert out.shape == images.shape and out.dtype == jnp.uint8
+  assert op1.shape == op2.shape == (32,)
+  # Pairs of the first example get a high loss: their probability must rise.
+  losses = jnp.where(jnp.arange(32) == 0, 10.0, 0.1)
+  new_state, metrics = comp.update(state, _ctx(per_example_loss=losses,
+                                               stash=(op1, op2)))
+  before = policy.pair_probs(state.logits)[op1[0], op2[0]]
+  after = policy.pair_probs(new_state.logits)[op1[0], op2[0]]
+  assert after > before
+  assert metrics['entropy'] < np.log(14**2)
+
+
+def test_nas_component_keeps_frozen_codes_and_recovers_per_epoch():
+  config = nas_component.default_config()
+  config.max_iters = 2000
+  comp = nas_component.make_component(config)
+  state = comp.init(jax.random.key(0))
+  frozen = jax.tree.map(lambda f: jnp.asarray(True), state.ista.frozen)
+  frozen['normal'] = (jnp.asarray(False),) + frozen['normal'][1:]
+  state = state.replace(ista=state.ista.replace(frozen=frozen))
+  grads = jax.tree.map(jnp.ones_like, state.ista.b)
+  new_state, _ = comp.update(state, _ctx(grads=grads))
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.ista.b,
+                       new_state.ista.b)
+  assert moved['normal'][0] and not any(moved['normal'][1:])
+  assert not any(moved['reduce'])
+  recovered, report = comp.epoch_end(new_state, 1)
+  assert report['frozen']['reduce'] == [True] * 4
+  arch = comp.architecture(recovered, recovered.ista.b)
+  assert arch.support == recovered.ista.support
+
+
+def test_custom_component_loss_matches_optax_label_smoothing():
+  logits = jax.random.normal(jax.random.key(0), (5, 10))
+  labels = jnp.arange(5)
+  logit = jnp.float32(0.3)
+  r = custom_component.rate(logit)
+  ours = custom_component.smoothed_loss(logit, logits, labels)
+  ref = optax.softmax_cross_entropy(
+      logits, optax.smooth_labels(jax.nn.one_hot(labels, 10), r))
+  np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_custom_component_runs_in_the_train_loop(tmp_path):
+  config = default_config.get_config()
+  config.mode = 'train'
+  config.extra_components = 'experiments.custom_component:make_component'
+  config.dataset.image_size = 8
+  config.dataset.max_train_examples = 64
+  config.dataset.max_test_examples = 16
+  config.model.channels = 4
+  config.model.layers = 2
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 3
+  config.log_every_steps = 1
+  config.compilation_cache_dir = ''
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(config, workdir)
+  rates = [r['label_smoothing/rate'] for r in train.read_metrics(workdir)
+           if 'label_smoothing/rate' in r]
+  assert len(rates) == 3
+  assert all(0.0 < r < custom_component.MAX_RATE for r in rates)
+  assert len(set(rates)) > 1  # the rate learns
+
+
+def test_unknown_extra_component_is_a_clear_error():
+  config = default_config.get_config()
+  config.extra_components = 'no_such_module:make'
+  with pytest.raises(train.RunError, match='module:factory'):
+    train.load_extra_components(config)

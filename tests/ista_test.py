@@ -1,0 +1,382 @@
+"""Tests of the ISTA-NAS math: (F)ISTA, Eq. 7, the support, the search state."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.linear_model import Lasso
+
+from dha_jax.nas import ista
+from dha_jax.nas import search_space as ss
+
+M = ista.DEFAULT_PROJ_DIMS
+NODE_SIZES = tuple(len(ss.ISTA_PRIMITIVES) * ss.num_edges(i)
+                   for i in range(ss.NUM_NODES))  # 14, 21, 28, 35
+# A moderately regularised problem that plain ISTA also solves within
+# DEFAULT_MAX_ITERS (sklearn's alpha; λ = m·alpha).
+MODERATE_ALPHA, MODERATE_SCALE = 1e-3, 0.1
+# The reference's Lasso(alpha=1e-5) on a freshly initialised code.
+REFERENCE_SCALE = ista.DEFAULT_B_INIT_SCALE
+# Measured worst cases are 1.5e-4 (solution) and 2e-9 (objective).
+SOLUTION_RTOL = 1e-3
+OBJECTIVE_RTOL = 1e-6
+
+
+@pytest.fixture(scope='module')
+def solve():
+  return jax.jit(ista.ista, static_argnames=('accelerated',))
+
+
+@pytest.fixture(scope='module')
+def state():
+  return ista.init_ista(jax.random.key(0))
+
+
+def _problem(n, scale, seed=0):
+  rng = np.random.default_rng(seed + n)
+  return rng.random((M, n)), scale * rng.standard_normal(M)
+
+
+def _objective(A, b, x, lam):
+  x = np.asarray(x, np.float64)
+  return 0.5 * np.sum((A @ x - b) ** 2) + lam * np.abs(x).sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _sklearn(n, scale, alpha):
+  """sklearn's Lasso minimises (1/2m)‖Ax − b‖² + alpha‖x‖₁: λ = m·alpha."""
+  A, b = _problem(n, scale)
+  lasso = Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=10**6)
+  return lasso.fit(A, b).coef_
+
+
+def _check_against_sklearn(solve, n, scale, alpha, accelerated):
+  A, b = _problem(n, scale)
+  lam = M * alpha
+  result = solve(jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32),
+                 lam, accelerated=accelerated)
+  assert result.num_iters <= ista.DEFAULT_MAX_ITERS
+  x, x_ref = np.asarray(result.x, np.float64), _sklearn(n, scale, alpha)
+  np.testing.assert_array_less(
+      np.linalg.norm(x - x_ref), SOLUTION_RTOL * np.linalg.norm(x_ref))
+  ref_obj = _objective(A, b, x_ref, lam)
+  assert _objective(A, b, x, lam) <= ref_obj * (1 + OBJECTIVE_RTOL)
+
+
+def test_soft_threshold():
+  z = jnp.array([-3.0, -0.5, 0.0, 0.5, 2.0])
+  np.testing.assert_allclose(ista.soft_threshold(z, 1.0),
+                             [-2.0, 0.0, 0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize('accelerated', [False, True])
+@pytest.mark.parametrize('n', NODE_SIZES)
+def test_matches_sklearn_lasso(solve, n, accelerated):
+  _check_against_sklearn(solve, n, MODERATE_SCALE, MODERATE_ALPHA,
+                         accelerated)
+
+
+@pytest.mark.parametrize('n', NODE_SIZES)
+def test_fista_matches_sklearn_at_reference_scale(solve, n):
+  _check_against_sklearn(solve, n, REFERENCE_SCALE,
+                         ista.REFERENCE_LASSO_ALPHA, accelerated=True)
+
+
+def test_fista_converges_in_fewer_iterations(solve):
+  """Iterations until the objective is within 1e-6 of sklearn's optimum."""
+  budgets = [250 * 2**k for k in range(10)]  # up to 128k
+
+  def iterations_needed(A, b, lam, optimum, accelerated):
+    for budget in budgets:
+      x = solve(jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32),
+                lam, max_iters=budget, tol=0.0, accelerated=accelerated).x
+      if _objective(A, b, x, lam) <= optimum * (1 + OBJECTIVE_RTOL):
+        return budget
+    return np.inf
+
+  for n in NODE_SIZES:
+    A, b = _problem(n, MODERATE_SCALE)
+    lam = M * MODERATE_ALPHA
+    optimum = _objective(A, b, _sklearn(n, MODERATE_SCALE, MODERATE_ALPHA),
+                         lam)
+    fista_iters = iterations_needed(A, b, lam, optimum, True)
+    assert fista_iters < iterations_needed(A, b, lam, optimum, False), n
+    assert fista_iters < budgets[-1]
+
+
+def test_warm_start_and_stopping(solve):
+  A, b = (jnp.asarray(v, jnp.float32) for v in _problem(21, MODERATE_SCALE))
+  lam = M * MODERATE_ALPHA
+  cold = solve(A, b, lam, accelerated=False)
+  assert bool(cold.converged) and cold.num_iters < ista.DEFAULT_MAX_ITERS
+  warm = solve(A, b, lam, x0=cold.x, accelerated=False)
+  assert warm.num_iters < 10
+  np.testing.assert_allclose(warm.x, cold.x, atol=1e-7)
+  capped = solve(A, b, lam, max_iters=5, accelerated=False)
+  assert int(capped.num_iters) == 5 and not bool(capped.converged)
+  # λ ≥ ‖Aᵀb‖∞ makes 0 the solution: one step, exactly zero.
+  big = solve(A, b, float(jnp.max(jnp.abs(A.T @ b))) * 2, accelerated=True)
+  assert int(big.num_iters) == 1 and not np.any(np.asarray(big.x))
+
+
+def test_projection_is_eq7_and_the_reference_form():
+  ops = ss.ISTA_PRIMITIVES
+  rng = np.random.default_rng(7)
+  A = rng.random((M, NODE_SIZES[2]))
+  b, x = rng.standard_normal(M), rng.standard_normal(NODE_SIZES[2])
+  support = ista.select_support(x, ops)
+  mask = np.zeros(x.shape, bool)
+  mask[[e * len(ops) + ops.index(o) for e, o in support]] = True
+  alpha = np.asarray(ista.project_alpha(*(jnp.asarray(v, jnp.float32)
+                                          for v in (A, b, x)), mask))
+  # The reference (`sample_and_proj`, `proj_alphas`): E = AᵀA − I, x, A and
+  # E zeroed off S, α = bᵀA_S − (E_Sᵀ x̃).
+  E = A.T @ A - np.eye(A.shape[1])
+  x_s, a_s, e_s = x * mask, A * mask, E * mask
+  reference = a_s.T @ b - e_s.T @ x_s
+  np.testing.assert_allclose(alpha[mask], reference[mask], rtol=1e-5)
+  np.testing.assert_allclose(alpha[mask], (x_s + a_s.T @ (b - a_s @ x_s))[mask],
+                             rtol=1e-5)
+  assert np.all(alpha[~mask] == 0.0)
+  # x off the support is ignored; ∂α/∂b = A_Sᵀ on S and exactly 0 off it.
+  x_other = np.where(mask, x, 100.0)
+  np.testing.assert_array_equal(
+      ista.project_alpha(*(jnp.asarray(v, jnp.float32)
+                           for v in (A, b, x_other)), mask), alpha)
+  jac = np.asarray(jax.jacobian(ista.project_alpha, argnums=1)(
+      *(jnp.asarray(v, jnp.float32) for v in (A, b, x)), mask))
+  np.testing.assert_allclose(jac[mask], A.T[mask], rtol=1e-6)
+  assert np.all(jac[~mask] == 0.0)
+
+
+def _node_code(scores, ops):
+  """x for a node from {(edge, op): value}, zeros elsewhere."""
+  n_edges = 1 + max(e for e, _ in scores)
+  x = np.zeros((n_edges, len(ops)))
+  for (edge, op), value in scores.items():
+    x[edge, ops.index(op)] = value
+  return x.reshape(-1)
+
+
+def test_support_top2_edges_signed_argmax_all_ops():
+  ops = ss.ISTA_PRIMITIVES
+  x = _node_code({(0, 'sep_conv_3x3'): 0.3, (0, 'skip_connect'): 0.2,
+                  (1, 'dil_conv_5x5'): 0.9,   # the last op is selectable
+                  (2, 'max_pool_3x3'): -5.0,  # signed: large |x| loses
+                  (3, 'avg_pool_3x3'): 0.4, (3, 'sep_conv_5x5'): 0.1}, ops)
+  assert ista.select_support(x, ops) == ((1, 'dil_conv_5x5'),
+                                         (3, 'avg_pool_3x3'))
+  assert ista.select_support(x, ops, k_edges=3) == (
+      (0, 'sep_conv_3x3'), (1, 'dil_conv_5x5'), (3, 'avg_pool_3x3'))
+
+
+def test_support_never_picks_none_and_breaks_ties_deterministically():
+  ops = ss.primitives(include_none=True)
+  x = _node_code({(0, 'none'): 9.0, (0, 'skip_connect'): 0.5,
+                  (1, 'none'): 8.0, (2, 'none'): 7.0}, ops)
+  # Edges 1 and 2 score 0 on every allowed op: the lower edge and the
+  # earliest allowed op win the tie.
+  assert ista.select_support(x, ops) == ((0, 'skip_connect'),
+                                         (1, 'max_pool_3x3'))
+  assert ista.select_support(np.zeros(5 * len(ops)), ops) == (
+      (0, 'max_pool_3x3'), (1, 'max_pool_3x3'))
+
+
+@pytest.mark.parametrize('x,kwargs,match', [
+    (np.zeros(15), {}, 'vector of'),
+    (np.full(14, np.nan), {}, 'non-finite'),
+    (np.zeros(14), {'k_edges': 3}, 'k_edges'),
+    (np.zeros(14), {'excluded_ops': ss.ISTA_PRIMITIVES}, 'every op'),
+])
+def test_support_errors(x, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ista.select_support(x, ss.ISTA_PRIMITIVES, **kwargs)
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match='k_edges'):
+    ista.IstaConfig(k_edges=3)
+  with pytest.raises(ValueError, match='excluded_ops'):
+    ista.IstaConfig(ops=('none',))
+
+
+def test_init(state, solve):
+  config = state.config
+  for cell in ss.CELL_TYPES:
+    assert len(state.A[cell]) == ss.NUM_NODES
+    for i, n in enumerate(NODE_SIZES):
+      A, b, x = state.A[cell][i], state.b[cell][i], state.x[cell][i]
+      assert A.shape == (M, n) and b.shape == (M,) and x.shape == (n,)
+      assert 0.0 <= float(A.min()) and float(A.max()) < 1.0
+      assert 0.0 < float(jnp.abs(b).max()) < 10 * config.b_init_scale
+      np.testing.assert_allclose(
+          x, solve(A, b, config.lam, accelerated=config.accelerated).x,
+          atol=1e-9)
+      assert not bool(state.frozen[cell][i])
+  assert not np.array_equal(state.A['normal'][0], state.A['reduce'][0])
+  assert state.support_dict == ista.support_from_codes(state.x, config)
+  assert ista.sync_support(state).support == state.support
+  assert not ista.all_frozen(state)
+
+
+def test_architecture_from_codes(state):
+  arch = jax.jit(ista.architecture_from_codes)(state, state.b)
+  assert arch.support == state.support
+  ops = state.config.ops
+  for cell in ss.CELL_TYPES:
+    for i, node in enumerate(state.support_dict[cell]):
+      assert len(node) == 2 and node[0][0] != node[1][0]
+      idx = np.array([e * len(ops) + ops.index(o) for e, o in node])
+      mask = np.zeros(NODE_SIZES[i], bool)
+      mask[idx] = True
+      full = ista.project_alpha(state.A[cell][i], state.b[cell][i],
+                                state.x[cell][i], mask)
+      np.testing.assert_allclose(arch.weights[cell][i], full[idx], rtol=1e-6)
+  # ∂(Σ α)/∂b_i = Σ_{j∈S_i} A_j, through the jitted function.
+  grad = jax.grad(lambda b: sum(
+      jnp.sum(w) for w in jax.tree.leaves(
+          ista.architecture_from_codes(state, b))))(state.b)
+  node = state.support_dict['reduce'][3]
+  cols = np.array([e * len(ops) + ops.index(o) for e, o in node])
+  np.testing.assert_allclose(grad['reduce'][3],
+                             state.A['reduce'][3][:, cols].sum(1), rtol=1e-5)
+
+
+def test_jit_retraces_exactly_when_the_support_changes(state):
+  traces = []
+
+  def arch_fn(s, b):
+    traces.append(None)
+    return ista.architecture_from_codes(s, b)
+
+  jitted = jax.jit(arch_fn)
+  first = jitted(state, state.b)
+  other_b = jax.tree.map(lambda v: v + 1.0, state.b)
+  assert jax.tree.structure(jitted(state, other_b)) == jax.tree.structure(first)
+  # Scaling x by a positive factor keeps every argmax: same support.
+  scaled = ista.sync_support(state.replace(
+      x=jax.tree.map(lambda v: 2.0 * v, state.x)))
+  assert scaled.support == state.support
+  jitted(scaled, state.b)
+  assert len(traces) == 1
+  flipped = ista.sync_support(state.replace(
+      x=jax.tree.map(lambda v: -v, state.x)))
+  assert flipped.support != state.support
+  assert jax.tree.structure(jitted(flipped, state.b)) != jax.tree.structure(
+      first)
+  assert len(traces) == 2
+
+
+def _perturb(b, cell, node, scale, seed):
+  """b with one node's code moved by scale·N(0, 1)."""
+  noise = scale * jax.random.normal(jax.random.key(seed), b[cell][node].shape)
+  nodes = list(b[cell])
+  nodes[node] = nodes[node] + noise
+  return {**b, cell: tuple(nodes)}
+
+
+def test_freezing(state, solve):
+  config = state.config
+  # Epoch 0 never freezes, even though x did not move.
+  s0, report = ista.recover(state, epoch=0)
+  assert report['distances']['normal'] == [0.0] * ss.NUM_NODES
+  assert not report['newly_frozen'] and not ista.all_frozen(s0)
+  assert not report['refused'] and not report['support_changed']
+  assert report['ista_iters']['normal'][0] > 0
+
+  # Epoch 1: every node whose b did not move freezes; normal/2 moved.
+  moved = _perturb(state.b, 'normal', 2, 0.1, seed=1)
+  s1, report = ista.recover(s0, moved, epoch=1)
+  assert report['distances']['normal'][2] > ista.DEFAULT_DIST_LIMIT
+  assert report['frozen']['normal'] == [True, True, False, True]
+  assert report['frozen']['reduce'] == [True] * ss.NUM_NODES
+  assert ['normal', 2] not in report['newly_frozen']
+  assert len(report['newly_frozen']) == 2 * ss.NUM_NODES - 1
+  x_expected = solve(state.A['normal'][2], moved['normal'][2], config.lam,
+                     accelerated=config.accelerated).x
+  np.testing.assert_allclose(s1.x['normal'][2], x_expected, atol=1e-9)
+  assert s1.support_dict == ista.support_from_codes(s1.x, config)
+  assert s1.b is moved
+
+  # Frozen nodes keep x and stay frozen whatever their b does.
+  moved_again = _perturb(moved, 'reduce', 0, 1.0, seed=2)
+  s2, report = ista.recover(s1, moved_again, epoch=2)
+  assert report['distances']['reduce'][0] is None
+  assert report['frozen']['reduce'][0]
+  np.testing.assert_array_equal(s2.x['reduce'][0], state.x['reduce'][0])
+  # normal/2's b did not move since epoch 1: it freezes now.
+  assert report['newly_frozen'] == [['normal', 2]]
+  assert report['all_frozen'] and ista.all_frozen(s2)
+
+
+def test_freezing_threshold_is_inclusive(state):
+  moved = _perturb(state.b, 'reduce', 1, 1e-2, seed=3)
+  _, report = ista.recover(state, moved, epoch=1)
+  dist = report['distances']['reduce'][1]
+  assert dist > 0
+  _, at = ista.recover(state, moved, epoch=1, dist_limit=dist)
+  _, below = ista.recover(state, moved, epoch=1, dist_limit=0.999 * dist)
+  assert at['frozen']['reduce'][1] and not below['frozen']['reduce'][1]
+
+
+def test_resource_constraint_refuses_the_update(state):
+  # A large move of every code changes the support.
+  moved = state.b
+  for k, (cell, node) in enumerate(
+      (c, i) for c in ss.CELL_TYPES for i in range(ss.NUM_NODES)):
+    moved = _perturb(moved, cell, node, 1.0, seed=10 + k)
+  seen = []
+
+  def param_count(support):
+    seen.append(support)
+    return 4.0
+
+  refused, report = ista.recover(state, moved, epoch=1,
+                                 param_count_fn=param_count, param_limit=3.7)
+  assert report['refused'] and report['param_count'] == 4.0
+  assert seen == [report['candidate_support']]
+  assert report['candidate_support'] != state.support_dict
+  assert not report['support_changed'] and not report['newly_frozen']
+  assert refused.support == state.support
+  assert refused.b is moved
+  for name in ('A', 'x', 'frozen'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(refused, name),
+                 getattr(state, name))
+
+  accepted, report = ista.recover(state, moved, epoch=1,
+                                  param_count_fn=param_count, param_limit=4.0)
+  assert not report['refused'] and report['support_changed']
+  assert accepted.support_dict == report['candidate_support']
+
+  with pytest.raises(ValueError, match='param_limit'):
+    ista.recover(state, epoch=1, param_count_fn=param_count)
+
+
+def test_zero_frozen(state):
+  frozen = state.replace(frozen={
+      'normal': (jnp.asarray(True),) + state.frozen['normal'][1:],
+      'reduce': state.frozen['reduce']})
+  ones = jax.tree.map(jnp.ones_like, state.b)
+  out = jax.jit(ista.zero_frozen)(frozen, ones)
+  assert not np.any(np.asarray(out['normal'][0]))
+  for leaf in jax.tree.leaves(out)[1:]:
+    np.testing.assert_array_equal(leaf, 1.0)
+
+
+def test_checkpoint_round_trip_and_sync_support(state, tmp_path):
+  """Orbax restores the array leaves; the support is recomputed from x."""
+  ocp = pytest.importorskip('orbax.checkpoint')
+  searched, _ = ista.recover(state, jax.tree.map(lambda v: -v, state.b),
+                             epoch=1)
+  assert searched.support != state.support
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(0, args=ocp.args.StandardSave(searched))
+    manager.wait_until_finished()
+    restored = manager.restore(0, args=ocp.args.StandardRestore(state))
+  assert restored.support == state.support  # the template's metadata
+  restored = ista.sync_support(restored)
+  assert restored.support == searched.support
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(searched)):
+    np.testing.assert_array_equal(got, want)

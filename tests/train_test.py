@@ -1,0 +1,138 @@
+"""End-to-end tests of the train step and the training loop."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from dha_jax import parallel
+from dha_jax import step as step_lib
+from dha_jax import train
+from dha_jax.nas import search_space as ss
+
+
+def tiny_config():
+  config = default_config.get_config()
+  config.dataset.image_size = 8
+  config.dataset.max_train_examples = 256
+  config.dataset.max_test_examples = 64
+  config.model.channels = 4
+  config.model.layers = 2
+  config.model.auxiliary = True
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.compilation_cache_dir = ''
+  return config
+
+
+def _step_fn(mesh, config, model, tx, arch):
+  pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
+  return step_lib.make_train_step(
+      mesh, model=model, tx=tx, components=(), fixed_arch=arch, pre=pre,
+      aux_weight=config.model.aux_weight,
+      default_hparams=lambda s: {'learning_rate': jnp.float32(0.1),
+                                 'weight_decay': jnp.float32(1e-3)},
+      drop_path_rate=lambda s: jnp.float32(0.1))
+
+
+def test_two_devices_give_the_one_device_result():
+  assert jax.device_count() >= 2, 'conftest fakes 2 CPU devices'
+  config = tiny_config()
+  model = train.create_model(config, 10)
+  arch = ss.genotype_architecture(ss.DARTS_V2)
+  tx = train.make_inner_optimizer(config)
+  variables = train.init_variables(model, arch, (1, 8, 8, 3),
+                                   jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+           rng.integers(0, 10, (16,)).astype(np.int32))
+  hpo_batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+               rng.integers(0, 10, (16,)).astype(np.int32))
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:2]):
+    mesh = parallel.make_mesh(devices)
+    state = step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=tx.init(variables['params']), components={},
+        rng=jax.random.key_data(jax.random.key(1)))
+    state = parallel.replicate(mesh, state)
+    fn = _step_fn(mesh, config, model, tx, arch)
+    for _ in range(2):
+      state, metrics = fn(state, parallel.shard_batch(mesh, batch),
+                          parallel.shard_batch(mesh, hpo_batch))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (s1, m1), (s2, m2) = results
+  assert int(s1.step) == int(s2.step) == 2
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(s1.batch_stats),
+                  jax.tree.leaves(s2.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run') / 'wd')
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
+  workdir, summary = finished_run
+  for name in ('config.json', 'metrics.jsonl', 'summary.json',
+               'genotype.json', 'checkpoints'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  for key in ('mode', 'dataset', 'test_accuracy', 'train_steps',
+              'search_steps', 'wall_seconds', 'param_count', 'genotype'):
+    assert key in summary, key
+  assert summary['train_steps'] == 4
+  assert 0.0 <= summary['test_accuracy'] <= 1.0
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if r['phase'] == 'train'] == [2, 4]
+  assert all(np.isfinite(r['loss']) for r in records if r['phase'] == 'train')
+  genotype = ss.Genotype.from_json(
+      open(os.path.join(workdir, 'genotype.json')).read())
+  assert genotype == ss.DARTS_V2
+
+
+def test_finished_run_is_not_retrained(finished_run):
+  workdir, summary = finished_run
+  before = os.path.getmtime(os.path.join(workdir, 'metrics.jsonl'))
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert again == json.loads(json.dumps(summary))
+  assert os.path.getmtime(os.path.join(workdir, 'metrics.jsonl')) == before
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(finished_run,
+                                                           tmp_path):
+  """A copy of the run as a kill after the step-2 checkpoint leaves it."""
+  workdir, summary = finished_run
+  killed = str(tmp_path / 'killed')
+  shutil.copytree(workdir, killed)
+  os.remove(os.path.join(killed, 'summary.json'))
+  shutil.rmtree(os.path.join(killed, 'checkpoints', '4'))
+  resumed = train.train_and_evaluate(tiny_config(), killed)
+  assert resumed['test_accuracy'] == summary['test_accuracy']
+  assert resumed['test_loss'] == pytest.approx(summary['test_loss'], rel=1e-6)
+  with open(os.path.join(killed, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [2, 4, 4]  # two train logs, then the test record
+
+
+def test_workdir_of_another_config_is_refused(finished_run):
+  workdir, _ = finished_run
+  config = tiny_config()
+  config.model.channels = 6
+  with pytest.raises(train.RunError, match='different config'):
+    train.train_and_evaluate(config, workdir)
