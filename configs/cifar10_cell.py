@@ -1,15 +1,18 @@
-"""CIFAR-10, DARTS cell space (paper Table 1, first column).
+"""CIFAR-10, DARTS cell space (paper Table 1, first column): DHA.
 
 Paper-scale values are the ISTA-NAS / DARTS CIFAR-10 defaults (C=36, 20 cells,
-auxiliary head, Cutout 16, batch 96); dha_reference.md §C-D lists them. On
-this repository's CPU machine shrink it with overrides, e.g. the real
-CIFAR-10 image folder:
+auxiliary head, Cutout 16, batch 96, search up to 120 epochs, 600 epochs in
+all; dha_reference.md §C-D lists them; the DHA repository ships no config,
+so its per-dataset values are unknown). On a CPU shrink it with overrides,
+e.g. training the DARTS-V2 genotype on the real CIFAR-10 image folder:
 
   python -m dha_jax.main --config=configs/cifar10_cell.py --workdir=/tmp/c10 \
-    --config.dataset.source=image_folder \
+    --config.mode=train --config.dataset.source=image_folder \
     --config.dataset.path=../shared/data/cifar10/cifar10_jpeg.zip \
     --config.dataset.max_train_examples=5000 --config.num_train_steps=300 \
-    --config.model.channels=8 --config.model.layers=3 --config.batch_size=64
+    --config.model.channels=8 --config.model.layers=3 \
+    --config.model.auxiliary=False --config.preprocess.cutout_size=0 \
+    --config.batch_size=64
 
 With a prepared TFDS cifar10 instead: --config.dataset.source=tfds
 --config.dataset.name=cifar10 [--config.dataset.data_dir=DIR].
@@ -51,6 +54,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 96
   config.eval_batch_size = 500
   config.num_epochs = 600
+  config.mode = 'dha'
+  # The ISTA-NAS one-stage values: b ~ 1e-3·N(0, 1), freeze at 1e-3, a
+  # search of at most 120 epochs, 3.7 M parameters at most (Eq. 1).
+  config.nas.code_init_scale = 1e-3
+  config.nas.dist_limit = 1e-3
+  config.nas.search_epochs = 120
+  config.nas.param_limit_mb = 3.7
+  # Exact hypergradient (Eq. 4) on a separate batch of the HPO split.
+  config.hpo.mode = 'exact'
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   return config

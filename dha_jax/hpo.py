@@ -291,8 +291,10 @@ def init_hpo(config: ml_collections.ConfigDict, params: PyTree | None = None,
     if params is None:
       raise ValueError("hpo.mode='online' keeps tangents shaped like θ: pass "
                        'params (or their jax.eval_shape) to init_hpo')
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
-    tangents = {name: zeros for name in HPARAM_NAMES}
+    # One fresh tree per name: shared buffers could not both be donated.
+    tangents = {name: jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype),
+                                   params)
+                for name in HPARAM_NAMES}
   return HPOState(
       step=jnp.zeros((), jnp.int32), raw=raw,
       meta_opt_state=make_meta_optimizer(config).init(raw),

@@ -270,7 +270,13 @@ class Runner:
     self.tx = make_inner_optimizer(config)
     self.key = jax.random.key(config.seed)
     self.extra = load_extra_components(config)
-    self.hpo_split = ds.hpo if len(ds.hpo) else ds.train
+    # The held-out HPO batch feeds Eq. 4 (exact HPO) and the two-stage
+    # search; other runs never read it, so the training split stands in.
+    needs_heldout = self.spec.search == 'two_stage' or (
+        'hpo' in self.spec.components and config.hpo.mode == 'exact')
+    self.hpo_split = ds.hpo if needs_heldout else ds.train
+    if needs_heldout:
+      data_lib.steps_per_epoch(ds.hpo, config.batch_size)  # fails clearly
     self.compiled_supports: set = set()
 
   # -- construction ---------------------------------------------------
@@ -633,7 +639,8 @@ def _finish(run: Runner, writer: MetricsWriter, state: step_lib.TrainState,
       r['frozen_nodes'] = sum(sum(v) for v in r['frozen'].values())
       r['support_changed'] = float(r['support_changed'])
     _save_figure(plots.series_figure(
-        nas_records, ('frozen_nodes', 'support_changed'),
+        nas_records, ('frozen_nodes', 'support_changed', 'alpha_norm_normal',
+                      'alpha_norm_reduce'),
         'architecture search (per epoch)'), workdir, 'architecture.png')
   summary = {'mode': config.mode, 'dataset': run.dataset.name,
              'test_accuracy': test['accuracy'], 'test_loss': test['loss'],

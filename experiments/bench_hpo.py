@@ -13,12 +13,10 @@ Keys: `<mode>_step_s`, `<mode>_compile_s`, `exact_over_plain`,
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
 
-from configs import default as default_config
 from dha_jax import hpo
 from dha_jax import train
 from dha_jax.nas import search_space as ss
@@ -26,18 +24,8 @@ from experiments import benchlib
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--channels', type=int, default=8)
-  parser.add_argument('--layers', type=int, default=5)
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--size', type=int, default=32)
-  parser.add_argument('--steps', type=int, default=5)
-  args = parser.parse_args()
-
-  config = default_config.get_config()
-  config.model.channels = args.channels
-  config.model.layers = args.layers
-  config.model.auxiliary = False
+  args = benchlib.parse_args(__doc__)
+  config = benchlib.bench_config(args)
   model = train.create_model(config, 10)
   arch = ss.genotype_architecture(ss.DARTS_V2)
   variables = train.init_variables(model, arch, (1, args.size, args.size, 3),
@@ -60,8 +48,7 @@ def main() -> None:
   for mode in ('exact', 'online'):
     results[f'{mode}_over_plain'] = (results[f'{mode}_step_s']
                                      / results['plain_step_s'])
-  results.update(channels=args.channels, layers=args.layers, batch=args.batch,
-                 size=args.size, **benchlib.machine_info())
+  results.update(benchlib.network_info(args))
   print(json.dumps(results, sort_keys=True))
 
 

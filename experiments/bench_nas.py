@@ -15,39 +15,19 @@ step: sparse child, gradients for θ and the codes b, Adam on b).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
-import ml_collections
 import numpy as np
 
-from configs import default as default_config
 from dha_jax import train
 from dha_jax.nas import search_space as ss
 from experiments import benchlib
 
 
-def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  config = default_config.get_config()
-  config.model.channels = args.channels
-  config.model.layers = args.layers
-  config.model.auxiliary = False
-  config.dataset.image_size = args.size
-  config.batch_size = args.batch
-  return config
-
-
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--channels', type=int, default=8)
-  parser.add_argument('--layers', type=int, default=5)
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--size', type=int, default=32)
-  parser.add_argument('--steps', type=int, default=5)
-  args = parser.parse_args()
-
-  config = bench_config(args)
+  args = benchlib.parse_args(__doc__)
+  config = benchlib.bench_config(args)
   ops = ss.primitives()
   model = train.create_model(config, 10)
   dense = ss.dense_support(ops)
@@ -77,8 +57,7 @@ def main() -> None:
           flush=True)
   results['sparse_over_dense'] = (results['sparse_step_s']
                                   / results['dense_step_s'])
-  results.update(channels=args.channels, layers=args.layers, batch=args.batch,
-                 size=args.size, **benchlib.machine_info())
+  results.update(benchlib.network_info(args))
   print(json.dumps(results, sort_keys=True))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import default as default_config
 from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
@@ -54,6 +56,34 @@ def time_train_step(config: ml_collections.ConfigDict, model: Any,
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return {'compile_s': compile_s, 'step_s': float(np.min(times))}
+
+
+def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
+  """The network and batch options every benchmark takes, plus `extra`
+  ({option name: default}; '--name' flags with the default's type)."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  defaults = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32, 'steps': 5,
+              **extra}
+  for name, default in defaults.items():
+    parser.add_argument(f'--{name.replace("_", "-")}', type=type(default),
+                        default=default)
+  return parser.parse_args()
+
+
+def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """configs/default.py at the benchmark's network and batch size."""
+  config = default_config.get_config()
+  config.model.channels = args.channels
+  config.model.layers = args.layers
+  config.model.auxiliary = False
+  config.dataset.image_size = args.size
+  config.batch_size = args.batch
+  return config
+
+
+def network_info(args: argparse.Namespace) -> dict[str, Any]:
+  return {'channels': args.channels, 'layers': args.layers,
+          'batch': args.batch, 'size': args.size, **machine_info()}
 
 
 def random_batch(batch: int, size: int, classes: int = 10,

@@ -357,3 +357,12 @@ def test_state_checkpoints_with_orbax(tmp_path, mode):
   assert isinstance(restored, hpo.HPOState)
   same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), restored, state)
   assert all(jax.tree.leaves(same))
+
+
+def test_online_state_leaves_are_distinct_buffers():
+  """A donated state must not hold one buffer twice (jit would refuse it)."""
+  config = hpo.default_config()
+  config.mode = 'online'
+  state = hpo.init_hpo(config, {'w': jnp.ones((3,)), 'b': jnp.ones(())})
+  leaves = jax.tree.leaves(state)
+  assert len({id(x) for x in leaves}) == len(leaves)

@@ -10,18 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default as default_config
 from dha_jax import parallel
 from dha_jax import train
+from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--config.dataset.image_size=8', '--config.dataset.max_train_examples=40',
-        '--config.dataset.max_test_examples=16', '--config.dataset.val_ratio=0.25',
-        '--config.model.channels=4', '--config.model.layers=2',
-        '--config.batch_size=8', '--config.eval_batch_size=16',
-        '--config.num_train_steps=4', '--config.log_every_steps=2',
-        '--config.checkpoint_every_steps=2', '--config.nas.search_epochs=1',
-        '--config.nas.max_iters=2000', '--config.compilation_cache_dir=']
 
 
 @pytest.mark.slow
@@ -30,7 +23,7 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
   workdir = str(tmp_path / mode)
   proc = subprocess.run(
       [sys.executable, '-m', 'dha_jax.main', '--config=configs/default.py',
-       f'--workdir={workdir}', f'--config.mode={mode}'] + TINY,
+       f'--workdir={workdir}', f'--config.mode={mode}'] + tiny.cli_flags(),
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -63,27 +56,14 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
     assert any('hpo/learning_rate' in r for r in records)
 
 
-def _tiny_config(mode):
-  config = default_config.get_config()
-  config.mode = mode
-  config.dataset.image_size = 8
-  config.dataset.max_train_examples = 40
-  config.dataset.max_test_examples = 16
-  config.dataset.val_ratio = 0.25
-  config.model.channels = 4
-  config.model.layers = 2
-  config.batch_size = 8
-  config.nas.max_iters = 2000
-  return config
-
-
 @pytest.mark.slow
 def test_dha_step_two_devices_match_one():
   """θ, b, τ and η after two DHA steps: 2 devices vs 1 (same global batch)."""
   assert jax.device_count() >= 2
-  run = train.Runner(_tiny_config('dha'), workdir='')
+  run = train.Runner(tiny.tiny_config('dha'), workdir='')
   phase, state0 = run.initial({'phase': train.SEARCH, 'phase_start': 0,
                                'search_steps': 0})
+  state0 = jax.device_get(state0)  # host copy: each run donates its own
   rng = np.random.default_rng(0)
   batch = (rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
            rng.integers(0, 10, (8,)).astype(np.int32))

@@ -9,28 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
 from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
 from dha_jax.nas import search_space as ss
+from tests import tiny
 
 
 def tiny_config():
-  config = default_config.get_config()
-  config.dataset.image_size = 8
-  config.dataset.max_train_examples = 256
-  config.dataset.max_test_examples = 64
-  config.model.channels = 4
-  config.model.layers = 2
-  config.model.auxiliary = True
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 2
-  config.compilation_cache_dir = ''
-  return config
+  return tiny.tiny_config('train', {
+      'dataset.max_train_examples': 256, 'dataset.max_test_examples': 64,
+      'dataset.val_ratio': 0.1, 'model.auxiliary': True, 'batch_size': 16,
+      'eval_batch_size': 32})
 
 
 def _step_fn(mesh, config, model, tx, arch):
@@ -49,8 +39,8 @@ def test_two_devices_give_the_one_device_result():
   model = train.create_model(config, 10)
   arch = ss.genotype_architecture(ss.DARTS_V2)
   tx = train.make_inner_optimizer(config)
-  variables = train.init_variables(model, arch, (1, 8, 8, 3),
-                                   jax.random.key(0))
+  variables = jax.device_get(train.init_variables(
+      model, arch, (1, 8, 8, 3), jax.random.key(0)))
   rng = np.random.default_rng(0)
   batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
            rng.integers(0, 10, (16,)).astype(np.int32))

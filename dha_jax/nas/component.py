@@ -125,6 +125,10 @@ def make_component(config: ml_collections.ConfigDict,
     new_ista, report = ista.recover(
         state.ista, epoch=epoch, dist_limit=config.dist_limit,
         param_count_fn=mb_fn, param_limit=limit)
+    arch = ista.architecture_from_codes(new_ista, new_ista.b)
+    for cell, alphas in arch.weights.items():
+      report[f'alpha_norm_{cell}'] = float(np.sqrt(sum(
+          np.sum(np.square(a)) for a in alphas)))
     return state.replace(ista=new_ista), report
 
   return Component(

@@ -1,0 +1,533 @@
+"""The paper's CIFAR-10 comparison (Tables 1 and 3) at CPU scale.
+
+Runs `ista_one_stage` (One-Stage ISTA), `nas_da` (Joint NAS+DA), `nas_hpo`
+(Joint NAS+HPO), `sequential_dha` (Sequential DHA) and `dha` (DHA) with the
+same network, data, budget and seeds, each (mode, seed) in its own workdir
+`--out/<mode>_seed<seed>` through `python -m dha_jax.main` in a subprocess (a
+fresh process per run keeps compile caches and memory apart; JAX's persistent
+compilation cache is still shared). Then it writes
+
+  experiments/RESULTS.md    the section between `<!-- reproduce:begin -->` and
+                            `<!-- reproduce:end -->` (replaced; the rest of
+                            the file is kept): test accuracy mean ± sd over
+                            seeds, every seed's accuracy, wall time;
+  experiments/results.json  the same, machine-readable, with every run;
+  experiments/reproduce.png accuracy per mode, error bars and every seed.
+
+Every run that was made is reported; a failed run is listed as failed and
+left out of its mode's mean. Interrupt it at any time and rerun the same
+command: finished runs are not retrained, an interrupted one resumes from
+its last checkpoint.
+
+  python -m experiments.reproduce                      # the budget below
+  python -m experiments.reproduce --steps 4 --train-examples 200 \
+    --test-examples 200 --channels 4 --layers 2 --seeds 0 \
+    --out /tmp/dha_smoke --report-dir /tmp/dha_smoke   # a smoke test
+
+Base config: `configs/cifar10_cell.py` with these overrides: the image-folder
+source on `--data`; `--train-examples` (a class-balanced subset, of which
+`dataset.val_ratio` = 10 % is the HPO split) and `--test-examples`; C =
+`--channels`, `--layers` cells, no auxiliary head (at C = 8 its 128/768
+channels would cost more than the network); `--steps` training steps with
+`--batch-size`; `nas.search_epochs` = `--search-epochs`; and, as short runs
+need (configs/default.py), `nas.code_init_scale` = 1.0 and `nas.dist_limit`
+= 0.02. Everything else is the paper's setting (Cutout 16, drop-path 0.2,
+cosine SGD from 0.025, the exact hypergradient, Eq. 4). The one-stage modes
+search within their `--steps` (the search ends when every node is frozen or
+after `--search-epochs`); the two-stage `sequential_dha` first searches for
+`--search-epochs` and then trains its genotype from scratch for `--steps`,
+as in the paper, whose tables charge it the longer time.
+
+Budget (default), an ESTIMATE still to be confirmed by the full run: 10,000
+training images (9,000 train + 1,000 HPO; 93 steps of 96 per epoch), the full
+10,000 test images, C = 8, 5 cells, 930 steps (10 epochs), a search of at
+most 4 epochs (372 steps), seeds 0, 1, 2: 15 runs. Measured on this 2-core
+CPU (idle, jax 0.10.2) with one short `dha` run (`--steps 40 --seeds 0
+--modes dha`, full data): 0.36 s per search step (child net + τ sampling and
+augmentation + the exact hypergradient), 0.23 s per fixed-architecture step,
+compile and data loading about 60 s per process and support change, test
+evaluation 15 s. Extrapolated, per run:
+
+  dha             372 × 0.36 + 558 × 0.23 + ~4 recompiles × 15 + 75 ≈ 400 s
+  nas_hpo         about the same (the hypergradient dominates)     ≈ 380 s
+  nas_da, ista    without the hypergradient, ~0.6 of dha's steps   ≈ 300 s
+  sequential_dha  372 search + 930 train steps of dha's cost       ≈ 520 s
+
+  (400 + 380 + 2 × 300 + 520) s × 3 seeds ≈ 5,700 s ≈ 1.6 h,
+
+i.e. about two hours with the other work sharing the cores. `--steps`,
+`--train-examples`, `--test-examples`, `--channels`, `--layers`, `--modes`
+and `--seeds` shrink it (see the smoke test above).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = os.path.join(REPO_ROOT, 'experiments')
+BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'cifar10_cell.py')
+DEFAULT_DATA = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data',
+                            'cifar10', 'cifar10_jpeg.zip')
+DEFAULT_OUT = '/tmp/dha_reproduce'
+
+MODES = ('ista_one_stage', 'nas_da', 'nas_hpo', 'sequential_dha', 'dha')
+PAPER_NAMES = {'ista_one_stage': 'One-Stage ISTA', 'nas_da': 'Joint NAS+DA',
+               'nas_hpo': 'Joint NAS+HPO', 'sequential_dha': 'Sequential DHA',
+               'dha': 'DHA'}
+# CIFAR-10 top-1 % of the paper (Table 1: mean ± sd; Table 3: the ablations
+# give a mean only) at full scale (C = 36, 20 cells, 600 epochs).
+PAPER_ACCURACY = {'ista_one_stage': '97.64 ± 0.20', 'nas_da': '97.78',
+                  'nas_hpo': '97.75', 'sequential_dha': '97.77 ± 0.14',
+                  'dha': '98.11 ± 0.26'}
+
+BEGIN_MARKER = '<!-- reproduce:begin -->'
+END_MARKER = '<!-- reproduce:end -->'
+RESULTS_MD = 'RESULTS.md'
+RESULTS_JSON = 'results.json'
+PLOT_FILE = 'reproduce.png'
+SUMMARY_FILE = 'summary.json'   # dha_jax.train.SUMMARY_FILE
+WALL_FILE = 'reproduce_wall.json'
+LOG_FILE = 'reproduce.log'
+PERCENT = 100.0
+SECONDS_PER_MINUTE = 60.0
+LOG_TAIL_LINES = 20
+
+# Short runs need α of order one from the start (configs/default.py).
+SHORT_RUN_NAS = {'nas.code_init_scale': 1.0, 'nas.dist_limit': 0.02}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What every run gets: network, data and training length."""
+  steps: int = 930
+  search_epochs: int = 4
+  batch_size: int = 96
+  train_examples: int = 10_000
+  test_examples: int = 10_000
+  channels: int = 8
+  layers: int = 5
+
+
+def config_overrides(budget: Budget, data: str, mode: str, seed: int,
+                     extra: Sequence[str] = ()) -> list[str]:
+  """The `--config.x=y` flags of one run on top of configs/cifar10_cell.py.
+
+  Args:
+    budget: the shared budget.
+    data: path of the CIFAR-10 image-folder zip (or directory).
+    mode: one of `dha_jax.train.MODES`.
+    seed: the run's seed.
+    extra: more 'field=value' overrides (`--set`), applied last.
+
+  Returns:
+    Command-line flags for `python -m dha_jax.main`.
+  """
+  fields = {
+      'mode': mode, 'seed': seed,
+      'dataset.source': 'image_folder', 'dataset.path': data,
+      'dataset.max_train_examples': budget.train_examples,
+      'dataset.max_test_examples': budget.test_examples,
+      'model.channels': budget.channels, 'model.layers': budget.layers,
+      'model.auxiliary': False,
+      'num_train_steps': budget.steps, 'batch_size': budget.batch_size,
+      'nas.search_epochs': budget.search_epochs, **SHORT_RUN_NAS}
+  flags = [f'--config.{k}={v}' for k, v in fields.items()]
+  return flags + [f'--config.{e}' for e in extra]
+
+
+def workdir_of(out: str, mode: str, seed: int) -> str:
+  return os.path.join(out, f'{mode}_seed{seed}')
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _clock(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def run_one(workdir: str, command: Sequence[str]) -> int:
+  """Runs one (mode, seed) to its end, appending its output to its log.
+
+  The process's wall time is added to workdir/reproduce_wall.json (also when
+  interrupted), so a resumed run reports the time of all its sessions; a run
+  that was already finished adds nothing.
+
+  Returns:
+    The exit status of the run.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  finished = os.path.exists(os.path.join(workdir, SUMMARY_FILE))
+  start, rc = time.time(), None
+  try:
+    with open(os.path.join(workdir, LOG_FILE), 'a') as log:
+      log.write(f'$ {" ".join(command)}\n')
+      log.flush()
+      rc = subprocess.run(command, cwd=REPO_ROOT, stdout=log,
+                          stderr=subprocess.STDOUT, check=False).returncode
+  finally:
+    if not finished:
+      path = os.path.join(workdir, WALL_FILE)
+      wall = _read_json(path) or {'seconds': 0.0, 'sessions': 0}
+      _write_json(path, {'seconds': wall['seconds'] + time.time() - start,
+                         'sessions': wall['sessions'] + 1, 'last_rc': rc})
+  return rc
+
+
+def log_tail(workdir: str, lines: int = LOG_TAIL_LINES) -> str:
+  path = os.path.join(workdir, LOG_FILE)
+  if not os.path.exists(path):
+    return ''
+  with open(path) as f:
+    return ''.join(f.readlines()[-lines:])
+
+
+def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
+            ) -> list[dict[str, Any]]:
+  """One record per (mode, seed): its summary, or why it has none.
+
+  Returns:
+    Dicts with `mode`, `seed`, `workdir`, `status` ('finished', 'failed' or
+    'not run'), and for finished runs `test_accuracy`, `wall_seconds` (all
+    sessions), `train_steps`, `search_steps`, `param_count`, `genotype`.
+  """
+  records = []
+  for mode in modes:
+    for seed in seeds:
+      workdir = workdir_of(out, mode, seed)
+      summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
+      wall = _read_json(os.path.join(workdir, WALL_FILE))
+      record = {'mode': mode, 'seed': seed, 'workdir': workdir}
+      if summary is not None:
+        record.update(
+            status='finished', test_accuracy=summary['test_accuracy'],
+            wall_seconds=(wall['seconds'] if wall
+                          else summary['wall_seconds']),
+            train_steps=summary['train_steps'],
+            search_steps=summary['search_steps'],
+            param_count=summary['param_count'],
+            genotype=summary['genotype'])
+      elif wall is not None:
+        record.update(status='failed', exit_status=wall['last_rc'],
+                      wall_seconds=wall['seconds'])
+      else:
+        record.update(status='not run')
+      records.append(record)
+  return records
+
+
+def summarize(records: Sequence[dict[str, Any]], modes: Sequence[str]
+              ) -> dict[str, dict[str, Any]]:
+  """Per mode: finished runs' accuracy mean and sample sd, mean wall time.
+
+  The standard deviation is the sample one (n - 1); None with one run.
+  """
+  out = {}
+  for mode in modes:
+    done = [r for r in records
+            if r['mode'] == mode and r['status'] == 'finished']
+    acc = [r['test_accuracy'] for r in done]
+    out[mode] = {
+        'runs': len(done),
+        'accuracies': acc,
+        'mean_accuracy': statistics.fmean(acc) if acc else None,
+        'sd_accuracy': statistics.stdev(acc) if len(acc) > 1 else None,
+        'mean_wall_seconds': (statistics.fmean(r['wall_seconds'] for r in done)
+                              if done else None),
+        'mean_search_steps': (statistics.fmean(r['search_steps'] for r in done)
+                              if done else None),
+        'mean_param_count': (statistics.fmean(r['param_count'] for r in done)
+                             if done else None)}
+  return out
+
+
+def format_mean_sd(values: Sequence[float], scale: float = PERCENT,
+                   digits: int = 2) -> str:
+  """'mean ± sd' of `values` × scale (sample sd; 'mean (n=1)' for one)."""
+  if not values:
+    return '—'
+  mean = statistics.fmean(values) * scale
+  if len(values) == 1:
+    return f'{mean:.{digits}f} (n=1)'
+  return f'{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}'
+
+
+def _seed_cell(record: dict[str, Any]) -> str:
+  if record['status'] == 'finished':
+    return f"{record['test_accuracy'] * PERCENT:.2f}"
+  if record['status'] == 'failed':
+    return f"failed (exit {record['exit_status']})"
+  return 'not run'
+
+
+def format_table(records: Sequence[dict[str, Any]], modes: Sequence[str],
+                 seeds: Sequence[int]) -> str:
+  """The Markdown table: one row per mode, every seed's accuracy listed."""
+  head = (['method', 'mode', 'test acc. % (mean ± sd)']
+          + [f'seed {s}' for s in seeds]
+          + ['wall / run (min)', 'search steps', 'params',
+             'paper (full scale)'])
+  rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  stats = summarize(records, modes)
+  for mode in modes:
+    by_seed = {r['seed']: r for r in records if r['mode'] == mode}
+    s = stats[mode]
+    done = s['runs'] > 0
+    cells = ([PAPER_NAMES.get(mode, mode), f'`{mode}`',
+              format_mean_sd(s['accuracies'])]
+             + [_seed_cell(by_seed[seed]) for seed in seeds]
+             + [f"{s['mean_wall_seconds'] / SECONDS_PER_MINUTE:.1f}"
+                if done else '—',
+                f"{s['mean_search_steps']:.0f}" if done else '—',
+                f"{s['mean_param_count']:,.0f}" if done else '—',
+                PAPER_ACCURACY.get(mode, '—')])
+    rows.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(rows)
+
+
+def replace_section(text: str, body: str, begin: str = BEGIN_MARKER,
+                    end: str = END_MARKER) -> str:
+  """`text` with the part between the markers replaced by `body`.
+
+  Text outside the markers is kept byte for byte; without markers the section
+  is appended at the end.
+
+  Raises:
+    ValueError: when the markers are not one well-ordered pair.
+  """
+  section = f'{begin}\n{body.strip()}\n{end}'
+  if text.count(begin) != text.count(end) or text.count(begin) > 1:
+    raise ValueError(f'Expected at most one {begin} ... {end} pair; fix the '
+                     'markers by hand and rerun.')
+  if begin not in text:
+    sep = '' if not text or text.endswith('\n\n') else (
+        '\n' if text.endswith('\n') else '\n\n')
+    return f'{text}{sep}{section}\n'
+  head, rest = text.split(begin, 1)
+  if end not in rest:
+    raise ValueError(f'{end} comes before {begin}; fix the markers by hand '
+                     'and rerun.')
+  return head + section + rest.split(end, 1)[1]
+
+
+def machine() -> str:
+  try:
+    jax_version = importlib.metadata.version('jax')
+  except importlib.metadata.PackageNotFoundError:
+    jax_version = 'unknown'
+  return (f'{platform.processor() or platform.machine()}, '
+          f'{os.cpu_count()} CPU cores, jax {jax_version}')
+
+
+def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
+                budget: Budget) -> str:
+  """The RESULTS.md section: what ran, the table, the plot, caveats."""
+  finished = [r for r in records if r['status'] == 'finished']
+  total = sum(r.get('wall_seconds', 0.0) for r in records)
+  lines = [
+      '## CIFAR-10: DHA against its ablations at CPU scale',
+      '',
+      f'Written by `python -m experiments.reproduce {" ".join(args.argv)}`'
+      .rstrip() + f' on {datetime.date.today().isoformat()} ({machine()}).',
+      f'{len(finished)} of {len(records)} runs finished, '
+      f'{total / 3600:.2f} h of run wall time in all.',
+      '',
+      f'Budget, identical for every mode: {budget.train_examples:,} CIFAR-10 '
+      'training images (10 % of them the HPO split), '
+      f'{budget.test_examples:,} test images, a DARTS network of '
+      f'C = {budget.channels} and {budget.layers} cells (no auxiliary head), '
+      f'{budget.steps} training steps of batch {budget.batch_size}, a search '
+      f'of at most {budget.search_epochs} epochs (the two-stage '
+      '`sequential_dha` searches first, then trains its genotype from '
+      f'scratch for the {budget.steps} steps); `configs/cifar10_cell.py` '
+      'otherwise. Test accuracy of the final network; the sd is the sample '
+      'sd over seeds. Wall time is the whole process (data loading and '
+      'compilation included).',
+      '',
+      format_table(records, args.modes, args.seeds),
+      '',
+      f'![test accuracy per mode]({PLOT_FILE})',
+      '',
+      'The paper column is CIFAR-10 at full scale (C = 36, 20 cells, 600 '
+      'epochs; Tables 1 and 3) and is not comparable in absolute terms: '
+      'these runs are minutes long.',
+  ]
+  failed = [r for r in records if r['status'] == 'failed']
+  if failed:
+    lines += ['', 'Failed runs (logs in their workdirs): '
+              + ', '.join(f"`{r['workdir']}`" for r in failed) + '.']
+  return '\n'.join(lines)
+
+
+def plot(records: Sequence[dict[str, Any]], modes: Sequence[str],
+         path: str) -> None:
+  """Accuracy per mode: mean ± sd error bars and every seed as a dot."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  stats = summarize(records, modes)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for i, mode in enumerate(modes):
+    s = stats[mode]
+    if not s['runs']:
+      continue
+    ax.errorbar(i, s['mean_accuracy'] * PERCENT,
+                yerr=(s['sd_accuracy'] or 0.0) * PERCENT, fmt='o',
+                capsize=6, color='C0', markersize=8)
+    ax.scatter([i] * s['runs'], [a * PERCENT for a in s['accuracies']],
+               color='C1', marker='x', zorder=3)
+  ax.set_xticks(range(len(modes)), [PAPER_NAMES.get(m, m) for m in modes],
+                rotation=15)
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title('CIFAR-10 at CPU scale: mean ± sd (o), seeds (x)')
+  fig.tight_layout()
+  fig.savefig(path + '.tmp.png', dpi=100)
+  os.replace(path + '.tmp.png', path)
+  plt.close(fig)
+
+
+def write_reports(records: Sequence[dict[str, Any]],
+                  args: argparse.Namespace, budget: Budget) -> None:
+  """RESULTS.md (its section), results.json and the plot in report_dir."""
+  os.makedirs(args.report_dir, exist_ok=True)
+  md_path = os.path.join(args.report_dir, RESULTS_MD)
+  text = ''
+  if os.path.exists(md_path):
+    with open(md_path) as f:
+      text = f.read()
+  text = replace_section(text, report_body(records, args, budget))
+  with open(md_path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(md_path + '.tmp', md_path)
+  _write_json(os.path.join(args.report_dir, RESULTS_JSON), {
+      'command': ['python', '-m', 'experiments.reproduce', *args.argv],
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'machine': machine(), 'budget': dataclasses.asdict(budget),
+      'data': args.data, 'overrides': args.set, 'modes': list(args.modes),
+      'seeds': list(args.seeds), 'summary': summarize(records, args.modes),
+      'runs': list(records)})
+  plot(records, args.modes, os.path.join(args.report_dir, PLOT_FILE))
+
+
+def _int_list(text: str) -> list[int]:
+  return [int(s) for s in text.split(',') if s.strip()]
+
+
+def _mode_list(text: str) -> list[str]:
+  modes = [m.strip() for m in text.split(',') if m.strip()]
+  unknown = sorted(set(modes) - set(MODES))
+  if unknown:
+    raise argparse.ArgumentTypeError(
+        f'unknown modes {unknown}; choose from {",".join(MODES)}')
+  return modes
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  defaults = Budget()
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n', 1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--data', default=DEFAULT_DATA,
+                      help='CIFAR-10 image-folder zip or directory')
+  parser.add_argument('--out', default=DEFAULT_OUT,
+                      help='parent of the runs\' workdirs (resumable)')
+  parser.add_argument('--report-dir', default=EXPERIMENTS_DIR,
+                      help=f'where {RESULTS_MD}, {RESULTS_JSON} and '
+                      f'{PLOT_FILE} go')
+  parser.add_argument('--modes', type=_mode_list, default=list(MODES),
+                      help='comma-separated modes')
+  parser.add_argument('--seeds', type=_int_list, default=[0, 1, 2],
+                      help='comma-separated seeds')
+  parser.add_argument('--steps', type=int, default=defaults.steps)
+  parser.add_argument('--search-epochs', type=int,
+                      default=defaults.search_epochs)
+  parser.add_argument('--batch-size', type=int, default=defaults.batch_size)
+  parser.add_argument('--train-examples', type=int,
+                      default=defaults.train_examples)
+  parser.add_argument('--test-examples', type=int,
+                      default=defaults.test_examples)
+  parser.add_argument('--channels', type=int, default=defaults.channels)
+  parser.add_argument('--layers', type=int, default=defaults.layers)
+  parser.add_argument('--set', action='append', default=[],
+                      metavar='FIELD=VALUE',
+                      help='another config override, e.g. hpo.mode=online '
+                      '(repeatable; the same for every run)')
+  parser.add_argument('--report-only', action='store_true',
+                      help='write the reports from the workdirs, run nothing')
+  args = parser.parse_args(argv)
+  args.argv = list(argv)
+  args.data = os.path.abspath(args.data)
+  args.out = os.path.abspath(args.out)
+  return args
+
+
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  budget = Budget(steps=args.steps, search_epochs=args.search_epochs,
+                  batch_size=args.batch_size,
+                  train_examples=args.train_examples,
+                  test_examples=args.test_examples, channels=args.channels,
+                  layers=args.layers)
+  if not args.report_only and not os.path.exists(args.data):
+    print(f'error: no CIFAR-10 data at {args.data}; pass --data PATH of the '
+          'image-folder zip (train/<class>/*.jpg, test/<class>/*.jpg).',
+          file=sys.stderr)
+    return 1
+  jobs = [(m, s) for m in args.modes for s in args.seeds]
+  start, durations = time.time(), []
+  for i, (mode, seed) in enumerate([] if args.report_only else jobs, 1):
+    workdir = workdir_of(args.out, mode, seed)
+    command = ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
+                f'--workdir={workdir}']
+               + config_overrides(budget, args.data, mode, seed, args.set))
+    eta = (_clock(statistics.fmean(durations) * (len(jobs) - i + 1))
+           if durations else '?')
+    print(f'[run {i}/{len(jobs)}] {mode} seed {seed}  (elapsed '
+          f'{_clock(time.time() - start)}, ETA {eta})  {workdir}', flush=True)
+    was_finished = os.path.exists(os.path.join(workdir, SUMMARY_FILE))
+    run_start = time.time()
+    rc = run_one(workdir, command)
+    if rc != 0:
+      print(f'  FAILED (exit {rc}); the end of {workdir}/{LOG_FILE}:\n'
+            f'{log_tail(workdir)}', flush=True)
+      continue
+    summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
+    if not was_finished:
+      durations.append(time.time() - run_start)
+    print(f"  {'already finished' if was_finished else 'done'}: test "
+          f"accuracy {summary['test_accuracy']:.4f} "
+          f'({_clock(time.time() - run_start)})', flush=True)
+  records = collect(args.out, args.modes, args.seeds)
+  write_reports(records, args, budget)
+  print(format_table(records, args.modes, args.seeds))
+  print(f'Reports in {args.report_dir}: {RESULTS_MD}, {RESULTS_JSON}, '
+        f'{PLOT_FILE} (elapsed {_clock(time.time() - start)}).')
+  return 0 if all(r['status'] == 'finished' for r in records) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

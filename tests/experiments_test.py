@@ -1,0 +1,216 @@
+"""Tests of the reproduction scripts: experiments/reproduce.py, landscape.py."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import landscape
+from experiments import reproduce
+
+
+# ---------------------------------------------------------------- landscape
+@pytest.fixture(scope='module')
+def params():
+  rng = np.random.default_rng(0)
+  return {'conv': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 2, 4)),
+                                         jnp.float32)},
+          'depthwise': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 1, 5)),
+                                              jnp.float32)},
+          'dense': {'kernel': jnp.asarray(rng.normal(size=(6, 3)),
+                                          jnp.float32),
+                    'bias': jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+          'bn': {'scale': jnp.ones((4,)), 'bias': jnp.zeros((4,))}}
+
+
+def _filter_norms(x):
+  return np.sqrt(np.sum(np.square(x), axis=tuple(range(x.ndim - 1))))
+
+
+def test_filter_normalize_matches_filter_norms_and_zeroes_biases_bn(params):
+  direction = landscape.random_direction(jax.random.key(0), params)
+  for path, (d, w) in zip(
+      jax.tree_util.tree_leaves_with_path(params),
+      zip(jax.tree.leaves(direction), jax.tree.leaves(params))):
+    d, w = np.asarray(d), np.asarray(w)
+    assert d.shape == w.shape, path
+    if w.ndim <= 1:
+      np.testing.assert_array_equal(d, 0.0)
+    else:
+      np.testing.assert_allclose(_filter_norms(d), _filter_norms(w),
+                                 rtol=1e-5)
+      assert not np.allclose(d, w)  # a random direction, not θ itself
+
+
+def test_filter_normalize_keeps_each_filters_direction(params):
+  direction = jax.tree.map(lambda w: 3.0 * w + 1.0, params)
+  out = landscape.filter_normalize(direction, params)
+  d, o = (np.asarray(direction['conv']['kernel']),
+          np.asarray(out['conv']['kernel']))
+  # Each filter is rescaled by a positive number.
+  ratio = o / d
+  np.testing.assert_allclose(ratio, np.broadcast_to(ratio[0, 0, 0], d.shape),
+                             rtol=1e-5)
+  assert np.all(ratio > 0)
+
+
+def test_loss_surface_of_a_quadratic(params):
+  delta = landscape.random_direction(jax.random.key(1), params)
+  eta = landscape.random_direction(jax.random.key(2), params)
+  coords = jnp.linspace(-1.0, 1.0, 3)
+
+  def loss_fn(p):
+    return {'loss': sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(p)),
+            'first': p['conv']['kernel'][0, 0, 0, 0]}
+
+  surface = landscape.loss_surface(loss_fn, params, (delta, eta), coords)
+  assert surface['loss'].shape == (3, 3)
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  w, d, e = flat(params), flat(delta), flat(eta)
+  for i, a in enumerate(np.asarray(coords)):
+    for j, b in enumerate(np.asarray(coords)):
+      np.testing.assert_allclose(surface['loss'][i, j],
+                                 np.sum(np.square(w + a * d + b * e)),
+                                 rtol=1e-5)
+  # Rows move along δ, columns along η.
+  np.testing.assert_allclose(
+      surface['first'][2, 1],
+      params['conv']['kernel'][0, 0, 0, 0] + delta['conv']['kernel'][0, 0, 0,
+                                                                      0],
+      rtol=1e-6)
+
+
+# ---------------------------------------------------------------- reproduce
+def test_replace_section_keeps_the_rest_of_the_file():
+  begin, end = reproduce.BEGIN_MARKER, reproduce.END_MARKER
+  text = f'# Results\n\nintro\n\n{begin}\nold table\n{end}\n\n## Later\ntail\n'
+  out = reproduce.replace_section(text, 'new table')
+  assert out == f'# Results\n\nintro\n\n{begin}\nnew table\n{end}\n\n## Later\ntail\n'
+  assert reproduce.replace_section(out, 'new table') == out
+
+
+def test_replace_section_appends_when_absent_and_refuses_broken_markers():
+  out = reproduce.replace_section('# Results\nsome text\n', 'table')
+  assert out == (f'# Results\nsome text\n\n{reproduce.BEGIN_MARKER}\ntable\n'
+                 f'{reproduce.END_MARKER}\n')
+  assert reproduce.replace_section('', 'table').startswith(
+      reproduce.BEGIN_MARKER)
+  with pytest.raises(ValueError, match='markers'):
+    reproduce.replace_section(f'{reproduce.BEGIN_MARKER}\nno end\n', 'x')
+  with pytest.raises(ValueError, match='markers'):
+    reproduce.replace_section(
+        f'{reproduce.END_MARKER}\n{reproduce.BEGIN_MARKER}\n', 'x')
+
+
+def test_format_mean_sd_uses_the_sample_sd_in_percent():
+  assert reproduce.format_mean_sd([0.5, 0.6, 0.7]) == '60.00 ± 10.00'
+  assert reproduce.format_mean_sd([0.8125]) == '81.25 (n=1)'
+  assert reproduce.format_mean_sd([]) == '—'
+
+
+def _records():
+  def done(mode, seed, acc):
+    return {'mode': mode, 'seed': seed, 'workdir': f'/w/{mode}_{seed}',
+            'status': 'finished', 'test_accuracy': acc, 'wall_seconds': 120.0,
+            'train_steps': 10, 'search_steps': 4, 'param_count': 1000,
+            'genotype': {}}
+  return [done('dha', 0, 0.5), done('dha', 1, 0.6), done('dha', 2, 0.7),
+          done('nas_da', 0, 0.4),
+          {'mode': 'nas_da', 'seed': 1, 'workdir': '/w/nas_da_1',
+           'status': 'failed', 'exit_status': 1, 'wall_seconds': 5.0},
+          {'mode': 'nas_da', 'seed': 2, 'workdir': '/w/nas_da_2',
+           'status': 'not run'}]
+
+
+def test_format_table_lists_every_seed_and_the_mean_sd():
+  table = reproduce.format_table(_records(), ['nas_da', 'dha'], [0, 1, 2])
+  lines = table.splitlines()
+  assert len(lines) == 4
+  assert lines[0].count('|') == lines[2].count('|') == lines[3].count('|')
+  nas_da, dha = lines[2], lines[3]
+  assert '| DHA | `dha` | 60.00 ± 10.00 | 50.00 | 60.00 | 70.00 | 2.0 |' in dha
+  assert '98.11 ± 0.26' in dha
+  assert '40.00 (n=1) | 40.00 | failed (exit 1) | not run |' in nas_da
+
+
+def test_summarize_leaves_failed_runs_out_of_the_mean():
+  stats = reproduce.summarize(_records(), ['nas_da', 'dha'])
+  assert stats['nas_da']['runs'] == 1
+  assert stats['nas_da']['sd_accuracy'] is None
+  assert stats['dha']['mean_accuracy'] == pytest.approx(0.6)
+  assert stats['dha']['sd_accuracy'] == pytest.approx(0.1)
+
+
+def test_collect_reads_summaries_and_wall_times(tmp_path):
+  finished = reproduce.workdir_of(str(tmp_path), 'dha', 0)
+  os.makedirs(finished)
+  with open(os.path.join(finished, reproduce.SUMMARY_FILE), 'w') as f:
+    json.dump({'test_accuracy': 0.25, 'wall_seconds': 9.0, 'train_steps': 3,
+               'search_steps': 2, 'param_count': 77, 'genotype': {}}, f)
+  with open(os.path.join(finished, reproduce.WALL_FILE), 'w') as f:
+    json.dump({'seconds': 30.0, 'sessions': 2, 'last_rc': 0}, f)
+  failed = reproduce.workdir_of(str(tmp_path), 'dha', 1)
+  os.makedirs(failed)
+  with open(os.path.join(failed, reproduce.WALL_FILE), 'w') as f:
+    json.dump({'seconds': 4.0, 'sessions': 1, 'last_rc': 2}, f)
+  records = reproduce.collect(str(tmp_path), ['dha'], [0, 1, 2])
+  assert [r['status'] for r in records] == ['finished', 'failed', 'not run']
+  assert records[0]['test_accuracy'] == 0.25
+  assert records[0]['wall_seconds'] == 30.0  # all sessions, not the last
+  assert records[1]['exit_status'] == 2
+
+
+def test_config_overrides_share_the_budget_and_short_run_nas_scale():
+  budget = reproduce.Budget(steps=7, channels=4, layers=2)
+  flags = reproduce.config_overrides(budget, '/d/c10.zip', 'nas_hpo', 3,
+                                     ['hpo.mode=online'])
+  assert '--config.mode=nas_hpo' in flags
+  assert '--config.seed=3' in flags
+  assert '--config.dataset.path=/d/c10.zip' in flags
+  assert '--config.num_train_steps=7' in flags
+  assert '--config.nas.code_init_scale=1.0' in flags
+  assert '--config.nas.dist_limit=0.02' in flags
+  assert flags[-1] == '--config.hpo.mode=online'
+  other = reproduce.config_overrides(budget, '/d/c10.zip', 'dha', 3)
+  differ = set(flags) ^ set(other)
+  assert differ == {'--config.mode=nas_hpo', '--config.mode=dha',
+                    '--config.hpo.mode=online'}
+
+
+# ---------------------------------------------------------------- smoke
+@pytest.mark.slow
+def test_reproduce_and_landscape_smoke(tmp_path, capsys):
+  if not os.path.exists(reproduce.DEFAULT_DATA):
+    pytest.skip(f'no CIFAR-10 zip at {reproduce.DEFAULT_DATA}')
+  report = tmp_path / 'report'
+  report.mkdir()
+  (report / reproduce.RESULTS_MD).write_text('# Results\n\nkept text\n')
+  argv = ['--modes', 'ista_one_stage', '--seeds', '0', '--steps', '2',
+          '--search-epochs', '1', '--train-examples', '100',
+          '--test-examples', '50', '--batch-size', '16', '--channels', '4',
+          '--layers', '2', '--out', str(tmp_path / 'runs'),
+          '--report-dir', str(report)]
+  assert reproduce.main(argv) == 0
+  results = json.loads((report / reproduce.RESULTS_JSON).read_text())
+  (run,) = results['runs']
+  assert run['status'] == 'finished' and run['train_steps'] == 2
+  assert 0.0 <= run['test_accuracy'] <= 1.0
+  text = (report / reproduce.RESULTS_MD).read_text()
+  assert text.startswith('# Results\n\nkept text\n')
+  assert f"{run['test_accuracy'] * 100:.2f}" in text
+  assert (report / reproduce.PLOT_FILE).stat().st_size > 0
+  # Rerunning finds the run finished: nothing is retrained.
+  assert reproduce.main(argv) == 0
+  assert 'already finished' in capsys.readouterr().out
+
+  assert landscape.main(['--workdirs', run['workdir'], '--out-dir',
+                         str(report), '--grid', '2', '--examples', '8']) == 0
+  name = os.path.basename(run['workdir'])
+  grid = json.loads((report / f'{name}_landscape.json').read_text())
+  assert np.asarray(grid['loss']).shape == (2, 2)
+  assert np.all(np.isfinite(grid['loss']))
+  assert (report / f'{name}_landscape.png').stat().st_size > 0
+
