@@ -57,6 +57,10 @@ def main() -> None:
           flush=True)
   results['sparse_over_dense'] = (results['sparse_step_s']
                                   / results['dense_step_s'])
+  search = benchlib.time_search_step('ista_one_stage', args)
+  results['search_step_s'] = search['step_s']
+  results['search_compile_s'] = search['compile_s']
+  results['search_images_per_s'] = args.batch / search['step_s']
   results.update(benchlib.network_info(args))
   print(json.dumps(results, sort_keys=True))
 

@@ -37,6 +37,7 @@ def time_train_step(config: ml_collections.ConfigDict, model: Any,
       default_hparams=lambda s: {'learning_rate': jnp.float32(BENCH_LR),
                                  'weight_decay': jnp.float32(BENCH_WD)},
       drop_path_rate=lambda s: jnp.float32(0.0))
+  variables = jax.device_get(variables)  # the step donates its own copy
   keys = jax.random.split(jax.random.key(2), max(len(components), 1))
   state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
@@ -100,3 +101,30 @@ def machine_info() -> dict[str, Any]:
           'cpu_count': os.cpu_count(),
           'machine': platform.processor() or platform.machine(),
           'jax': jax.__version__}
+
+
+def time_search_step(mode: str, args: argparse.Namespace,
+                     hpo_mode: str = 'exact') -> dict[str, float]:
+  """Compile and best step seconds of `mode`'s search-phase train step."""
+  config = bench_config(args)
+  config.mode = mode
+  config.hpo.mode = hpo_mode
+  config.nas.max_iters = 2000
+  run = train.Runner(config, workdir='')
+  run.mesh = parallel.make_mesh(jax.devices()[:1])
+  phase, state = run.initial({'phase': train.SEARCH, 'phase_start': 0,
+                              'search_steps': 0})
+  fn = run.make_step(phase)
+  batch = parallel.shard_batch(run.mesh,
+                               random_batch(args.batch, args.size))
+  state = parallel.replicate(run.mesh, state)
+  start = time.perf_counter()
+  compiled = fn.lower(state, batch, batch).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {'compile_s': compile_s, 'step_s': float(np.min(times))}

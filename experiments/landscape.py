@@ -17,18 +17,23 @@ is evaluated on a `--grid` × `--grid` lattice of [-span, span]², in eval mode
 architecture (the fixed α and support of its last phase), over a fixed
 batch of `--examples` training or test images, and drawn as a contour plot,
 one PNG per run (`<run>_landscape.png`, with the grid in
-`<run>_landscape.json`):
+`<run>_landscape.json`). By default the runs are One-Stage ISTA and DHA of
+seed 0 from `experiments/reproduce.py` (`--workdirs` takes any finished
+workdirs, comma-separated):
 
-  python -m experiments.landscape \
-    --workdirs /tmp/dha_reproduce/ista_one_stage_seed0,/tmp/dha_reproduce/dha_seed0 \
-    --out-dir experiments --grid 11 --span 1.0 --examples 256
+  python -m experiments.landscape --out-dir experiments --grid 11 \
+    --span 1.0 --examples 256
 
 A run is restored as `dha_jax.train.train_and_evaluate` resumes one: the
 workdir's config.json, `train.Runner`, the phase metadata of the last Orbax
 checkpoint, `Runner.initial` for the state template and the restore of the
 state. The run must be finished (summary.json present).
 
-Cost: grid² forward passes of `--examples` images, e.g. 121 × 256 images.
+Cost: grid² forward passes of `--examples` images. Measured on this 2-core
+CPU (shared with other work) for a `dha` run at the reproduce budget (C = 8,
+3 cells), 256 images: 77 s with --grid 3 and 112 s with --grid 5, i.e. about
+57 s to load, restore and compile plus 2.2 s per grid point, so the defaults
+(11² points) take about 57 + 121 × 2.2 ≈ 320 s per run (extrapolated).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from dha_jax import step as step_lib
 from dha_jax import train
 from dha_jax.nas import ista
 from dha_jax.nas import network
+from experiments import reproduce
 
 PyTree = Any
 # Li et al.'s code adds this to the direction's filter norm.
@@ -60,6 +66,9 @@ NORM_EPSILON = 1e-10
 CONTOUR_LOSS_RANGE = 10.0
 NUM_LEVELS = 30
 FIGSIZE = (5.5, 4.5)
+DEFAULT_WORKDIRS = ','.join(
+    reproduce.workdir_of(reproduce.DEFAULT_OUT, mode, 0)
+    for mode in ('ista_one_stage', 'dha'))
 
 
 # ---------------------------------------------------------------- numerics
@@ -96,9 +105,9 @@ def random_direction(key: jax.Array, params: PyTree) -> PyTree:
   return filter_normalize(jax.tree.unflatten(treedef, noise), params)
 
 
-def loss_surface(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
+def loss_surface(loss_fn: Callable[[PyTree], PyTree], params: PyTree,
                  directions: tuple[PyTree, PyTree], coords: jax.Array
-                 ) -> jax.Array:
+                 ) -> PyTree:
   """f(a, b) = loss_fn(θ + a·δ + b·η) on the grid coords × coords.
 
   Args:
@@ -117,12 +126,15 @@ def loss_surface(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
   chex.assert_trees_all_equal_shapes(params, delta, eta)
   a, b = jnp.meshgrid(coords, coords, indexing='ij')
 
-  def at(ab: jax.Array) -> jax.Array:
-    return loss_fn(jax.tree.map(lambda w, d, e: w + ab[0] * d + ab[1] * e,
-                                params, delta, eta))
+  @jax.jit
+  def grid_values(points, params, delta, eta):
+    def at(ab):
+      return loss_fn(jax.tree.map(lambda w, d, e: w + ab[0] * d + ab[1] * e,
+                                  params, delta, eta))
+    return jax.lax.map(at, points)
 
-  flat = jax.jit(lambda pts: jax.lax.map(at, pts))(
-      jnp.stack([a.ravel(), b.ravel()], axis=-1))
+  flat = grid_values(jnp.stack([a.ravel(), b.ravel()], axis=-1), params,
+                     delta, eta)
   return jax.tree.map(lambda v: v.reshape(a.shape + v.shape[1:]), flat)
 
 
@@ -264,7 +276,7 @@ def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n', 1)[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdirs', required=True,
+  parser.add_argument('--workdirs', default=DEFAULT_WORKDIRS,
                       help='comma-separated workdirs of finished runs')
   parser.add_argument('--out-dir', default='.',
                       help='where <run>_landscape.png / .json go')

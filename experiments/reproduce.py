@@ -21,7 +21,7 @@ its last checkpoint.
 
   python -m experiments.reproduce                      # the budget below
   python -m experiments.reproduce --steps 4 --train-examples 200 \
-    --test-examples 200 --channels 4 --layers 2 --seeds 0 \
+    --batch-size 16 --test-examples 200 --channels 4 --layers 2 --seeds 0 \
     --out /tmp/dha_smoke --report-dir /tmp/dha_smoke   # a smoke test
 
 Base config: `configs/cifar10_cell.py` with these overrides: the image-folder
@@ -38,26 +38,39 @@ after `--search-epochs`); the two-stage `sequential_dha` first searches for
 `--search-epochs` and then trains its genotype from scratch for `--steps`,
 as in the paper, whose tables charge it the longer time.
 
-Budget (default), an ESTIMATE still to be confirmed by the full run: 10,000
-training images (9,000 train + 1,000 HPO; 93 steps of 96 per epoch), the full
-10,000 test images, C = 8, 5 cells, 930 steps (10 epochs), a search of at
-most 4 epochs (372 steps), seeds 0, 1, 2: 15 runs. Measured on this 2-core
-CPU (idle, jax 0.10.2) with one short `dha` run (`--steps 40 --seeds 0
---modes dha`, full data): 0.36 s per search step (child net + τ sampling and
-augmentation + the exact hypergradient), 0.23 s per fixed-architecture step,
-compile and data loading about 60 s per process and support change, test
-evaluation 15 s. Extrapolated, per run:
+Budget (default), an ESTIMATE still to be confirmed by the full run: 5,000
+training images (4,500 train + 500 HPO: 46 steps of 96 per epoch), the full
+10,000 test images, C = 8, 3 cells, 92 steps (2 epochs), a search of 1 epoch
+(the one-stage search then gives way to the fixed-α phase half way), seeds 0,
+1, 2: 15 runs. Why so small: on this 2-core CPU every image costs ~45 ms in a
+DHA step (exact hypergradient), whatever C and the depth (C = 4 and 3 cells
+is no cheaper per image), and the one-stage search lasts whole epochs, so two
+hours buy about two epochs of 4,500 images per run; 10,000 images would
+leave the one-stage modes no time after their search.
 
-  dha             372 × 0.36 + 558 × 0.23 + ~4 recompiles × 15 + 75 ≈ 400 s
-  nas_hpo         about the same (the hypergradient dominates)     ≈ 380 s
-  nas_da, ista    without the hypergradient, ~0.6 of dha's steps   ≈ 300 s
-  sequential_dha  372 search + 930 train steps of dha's cost       ≈ 520 s
+Measured (jax 0.10.2, 2 cores, with other work on the machine): one short
+`dha` run, `--modes dha --seeds 0 --steps 60 --search-epochs 1
+--train-examples 5000 --channels 8 --layers 3` (404 s in all): 13 s start and
+data, 38 s compile, 46 search steps of 4.3 s, 38 s compile of the fixed
+phase, 14 fixed steps of 4.3 s, 66 s test evaluation (10,000 images, with its
+compile). Step and compile times of the other modes relative to `dha`, from
+`python -m experiments.bench_step --channels 4 --layers 3 --batch 96
+--steps 3` (one process, same conditions): ista_one_stage 1.22 s (0.28),
+nas_da 2.16 s (0.50), nas_hpo 2.47 s (0.58), dha 4.29 s; compile 20, 25, 30,
+40 s. Extrapolated, per run (start + compiles + steps + evaluation):
 
-  (400 + 380 + 2 × 300 + 520) s × 3 seeds ≈ 5,700 s ≈ 1.6 h,
+  ista_one_stage  13 + 2 × 19 + 92 × 1.2 + 66              ≈ 230 s
+  nas_da          13 + 2 × 24 + 92 × 2.2 + 66              ≈ 330 s
+  nas_hpo         13 + 2 × 29 + 92 × 2.5 + 66              ≈ 370 s
+  dha             13 + 2 × 38 + 92 × 4.3 + 66              ≈ 550 s
+  sequential_dha  13 + 30 + 46 × 2.5 (search, b on the HPO batch)
+                  + 38 + 92 × 4.3 (DA + HPO from scratch) + 66 ≈ 660 s
 
-i.e. about two hours with the other work sharing the cores. `--steps`,
-`--train-examples`, `--test-examples`, `--channels`, `--layers`, `--modes`
-and `--seeds` shrink it (see the smoke test above).
+  (230 + 330 + 370 + 550 + 660) s × 3 seeds ≈ 6,400 s ≈ 1.8 h.
+
+`--steps`, `--train-examples`, `--test-examples`, `--channels`, `--layers`,
+`--modes` and `--seeds` shrink it (see the smoke test above) or, on a faster
+machine, grow it.
 """
 
 from __future__ import annotations
@@ -69,11 +82,15 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Sequence
+
+from dha_jax import plots
+from dha_jax import train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS_DIR = os.path.join(REPO_ROOT, 'experiments')
@@ -97,27 +114,31 @@ END_MARKER = '<!-- reproduce:end -->'
 RESULTS_MD = 'RESULTS.md'
 RESULTS_JSON = 'results.json'
 PLOT_FILE = 'reproduce.png'
-SUMMARY_FILE = 'summary.json'   # dha_jax.train.SUMMARY_FILE
 WALL_FILE = 'reproduce_wall.json'
 LOG_FILE = 'reproduce.log'
 PERCENT = 100.0
 SECONDS_PER_MINUTE = 60.0
+SECONDS_PER_HOUR = 3600.0
 LOG_TAIL_LINES = 20
 
 # Short runs need α of order one from the start (configs/default.py).
 SHORT_RUN_NAS = {'nas.code_init_scale': 1.0, 'nas.dist_limit': 0.02}
+# Runs of minutes: log and checkpoint every minute or two (a kill loses at
+# most that much); neither changes what is computed.
+LOG_EVERY_STEPS = 10
+CHECKPOINT_EVERY_STEPS = 20
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """What every run gets: network, data and training length."""
-  steps: int = 930
-  search_epochs: int = 4
+  steps: int = 92
+  search_epochs: int = 1
   batch_size: int = 96
-  train_examples: int = 10_000
+  train_examples: int = 5_000
   test_examples: int = 10_000
   channels: int = 8
-  layers: int = 5
+  layers: int = 3
 
 
 def config_overrides(budget: Budget, data: str, mode: str, seed: int,
@@ -142,7 +163,9 @@ def config_overrides(budget: Budget, data: str, mode: str, seed: int,
       'model.channels': budget.channels, 'model.layers': budget.layers,
       'model.auxiliary': False,
       'num_train_steps': budget.steps, 'batch_size': budget.batch_size,
-      'nas.search_epochs': budget.search_epochs, **SHORT_RUN_NAS}
+      'nas.search_epochs': budget.search_epochs, **SHORT_RUN_NAS,
+      'log_every_steps': LOG_EVERY_STEPS,
+      'checkpoint_every_steps': CHECKPOINT_EVERY_STEPS}
   flags = [f'--config.{k}={v}' for k, v in fields.items()]
   return flags + [f'--config.{e}' for e in extra]
 
@@ -158,16 +181,12 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
 def _clock(seconds: float) -> str:
   return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _finished(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
 
 
 def run_one(workdir: str, command: Sequence[str]) -> int:
@@ -181,7 +200,7 @@ def run_one(workdir: str, command: Sequence[str]) -> int:
     The exit status of the run.
   """
   os.makedirs(workdir, exist_ok=True)
-  finished = os.path.exists(os.path.join(workdir, SUMMARY_FILE))
+  finished = _finished(workdir)
   start, rc = time.time(), None
   try:
     with open(os.path.join(workdir, LOG_FILE), 'a') as log:
@@ -193,8 +212,9 @@ def run_one(workdir: str, command: Sequence[str]) -> int:
     if not finished:
       path = os.path.join(workdir, WALL_FILE)
       wall = _read_json(path) or {'seconds': 0.0, 'sessions': 0}
-      _write_json(path, {'seconds': wall['seconds'] + time.time() - start,
-                         'sessions': wall['sessions'] + 1, 'last_rc': rc})
+      train.write_json_atomic(path, {
+          'seconds': wall['seconds'] + time.time() - start,
+          'sessions': wall['sessions'] + 1, 'last_rc': rc})
   return rc
 
 
@@ -211,15 +231,16 @@ def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
   """One record per (mode, seed): its summary, or why it has none.
 
   Returns:
-    Dicts with `mode`, `seed`, `workdir`, `status` ('finished', 'failed' or
-    'not run'), and for finished runs `test_accuracy`, `wall_seconds` (all
-    sessions), `train_steps`, `search_steps`, `param_count`, `genotype`.
+    Dicts with `mode`, `seed`, `workdir`, `status` ('finished', 'failed',
+    'interrupted' or 'not run'), and for finished runs `test_accuracy`,
+    `wall_seconds` (all sessions), `train_steps`, `search_steps`,
+    `param_count`, `genotype`.
   """
   records = []
   for mode in modes:
     for seed in seeds:
       workdir = workdir_of(out, mode, seed)
-      summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
+      summary = _read_json(os.path.join(workdir, train.SUMMARY_FILE))
       wall = _read_json(os.path.join(workdir, WALL_FILE))
       record = {'mode': mode, 'seed': seed, 'workdir': workdir}
       if summary is not None:
@@ -232,7 +253,10 @@ def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
             param_count=summary['param_count'],
             genotype=summary['genotype'])
       elif wall is not None:
-        record.update(status='failed', exit_status=wall['last_rc'],
+        # No exit status: the last session was interrupted (it resumes).
+        record.update(status=('interrupted' if wall['last_rc'] is None
+                              else 'failed'),
+                      exit_status=wall['last_rc'],
                       wall_seconds=wall['seconds'])
       else:
         record.update(status='not run')
@@ -281,7 +305,7 @@ def _seed_cell(record: dict[str, Any]) -> str:
     return f"{record['test_accuracy'] * PERCENT:.2f}"
   if record['status'] == 'failed':
     return f"failed (exit {record['exit_status']})"
-  return 'not run'
+  return record['status']
 
 
 def format_table(records: Sequence[dict[str, Any]], modes: Sequence[str],
@@ -349,19 +373,19 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
   finished = [r for r in records if r['status'] == 'finished']
   total = sum(r.get('wall_seconds', 0.0) for r in records)
   lines = [
-      '## CIFAR-10: DHA against its ablations at CPU scale',
+      '### CIFAR-10: DHA against its ablations at CPU scale',
       '',
       f'Written by `python -m experiments.reproduce {" ".join(args.argv)}`'
       .rstrip() + f' on {datetime.date.today().isoformat()} ({machine()}).',
       f'{len(finished)} of {len(records)} runs finished, '
-      f'{total / 3600:.2f} h of run wall time in all.',
+      f'{total / SECONDS_PER_HOUR:.2f} h of run wall time in all.',
       '',
       f'Budget, identical for every mode: {budget.train_examples:,} CIFAR-10 '
-      'training images (10 % of them the HPO split), '
+      'training images (the HPO split a `dataset.val_ratio` share of them), '
       f'{budget.test_examples:,} test images, a DARTS network of '
       f'C = {budget.channels} and {budget.layers} cells (no auxiliary head), '
       f'{budget.steps} training steps of batch {budget.batch_size}, a search '
-      f'of at most {budget.search_epochs} epochs (the two-stage '
+      f'of at most {budget.search_epochs} epoch(s) (the two-stage '
       '`sequential_dha` searches first, then trains its genotype from '
       f'scratch for the {budget.steps} steps); `configs/cifar10_cell.py` '
       'otherwise. Test accuracy of the final network; the sd is the sample '
@@ -376,21 +400,19 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
       'epochs; Tables 1 and 3) and is not comparable in absolute terms: '
       'these runs are minutes long.',
   ]
-  failed = [r for r in records if r['status'] == 'failed']
+  failed = [r for r in records if r['status'] != 'finished']
   if failed:
-    lines += ['', 'Failed runs (logs in their workdirs): '
-              + ', '.join(f"`{r['workdir']}`" for r in failed) + '.']
+    lines += ['', 'Unfinished runs (logs in their workdirs): '
+              + ', '.join(f"`{r['workdir']}` ({r['status']})" for r in failed)
+              + '.']
   return '\n'.join(lines)
 
 
 def plot(records: Sequence[dict[str, Any]], modes: Sequence[str],
          path: str) -> None:
-  """Accuracy per mode: mean ± sd error bars and every seed as a dot."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  """Accuracy per mode: mean ± sd error bars and every seed as a cross."""
   stats = summarize(records, modes)
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = plots.plt.subplots(figsize=plots.FIGSIZE)
   for i, mode in enumerate(modes):
     s = stats[mode]
     if not s['runs']:
@@ -407,7 +429,7 @@ def plot(records: Sequence[dict[str, Any]], modes: Sequence[str],
   fig.tight_layout()
   fig.savefig(path + '.tmp.png', dpi=100)
   os.replace(path + '.tmp.png', path)
-  plt.close(fig)
+  plots.plt.close(fig)
 
 
 def write_reports(records: Sequence[dict[str, Any]],
@@ -423,7 +445,7 @@ def write_reports(records: Sequence[dict[str, Any]],
   with open(md_path + '.tmp', 'w') as f:
     f.write(text)
   os.replace(md_path + '.tmp', md_path)
-  _write_json(os.path.join(args.report_dir, RESULTS_JSON), {
+  train.write_json_atomic(os.path.join(args.report_dir, RESULTS_JSON), {
       'command': ['python', '-m', 'experiments.reproduce', *args.argv],
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
       'machine': machine(), 'budget': dataclasses.asdict(budget),
@@ -485,8 +507,49 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
+def run_all(jobs: Sequence[tuple[str, int]], args: argparse.Namespace,
+            budget: Budget) -> None:
+  """Runs every (mode, seed) in turn, printing progress and an ETA."""
+  start, durations = time.time(), []
+  for i, (mode, seed) in enumerate(jobs, 1):
+    workdir = workdir_of(args.out, mode, seed)
+    command = ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
+                f'--workdir={workdir}']
+               + config_overrides(budget, args.data, mode, seed, args.set))
+    pending = sum(not _finished(workdir_of(args.out, m, s))
+                  for m, s in jobs[i - 1:])
+    eta = (_clock(statistics.fmean(durations) * pending) if durations
+           else '?')
+    print(f'[run {i}/{len(jobs)}] {mode} seed {seed}  (elapsed '
+          f'{_clock(time.time() - start)}, ETA {eta})  {workdir}', flush=True)
+    was_finished = _finished(workdir)
+    run_start = time.time()
+    rc = run_one(workdir, command)
+    if rc != 0:
+      print(f'  FAILED (exit {rc}); the end of {workdir}/{LOG_FILE}:\n'
+            f'{log_tail(workdir)}', flush=True)
+      continue
+    summary = _read_json(os.path.join(workdir, train.SUMMARY_FILE))
+    if not was_finished:
+      durations.append(time.time() - run_start)
+    print(f"  {'already finished' if was_finished else 'done'}: test "
+          f"accuracy {summary['test_accuracy']:.4f} "
+          f'({_clock(time.time() - run_start)})', flush=True)
+  if jobs:
+    print(f'{len(jobs)} runs done in {_clock(time.time() - start)}.')
+
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  del frame
+  raise KeyboardInterrupt(f'signal {signum}')
+
+
 def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
+  # `kill PID` stops the running run as Ctrl-C does (its wall time is kept;
+  # the run resumes from its last checkpoint next time).
+  signal.signal(signal.SIGTERM, _interrupt)
   budget = Budget(steps=args.steps, search_epochs=args.search_epochs,
                   batch_size=args.batch_size,
                   train_examples=args.train_examples,
@@ -497,35 +560,18 @@ def main(argv: Sequence[str]) -> int:
           'image-folder zip (train/<class>/*.jpg, test/<class>/*.jpg).',
           file=sys.stderr)
     return 1
-  jobs = [(m, s) for m in args.modes for s in args.seeds]
-  start, durations = time.time(), []
-  for i, (mode, seed) in enumerate([] if args.report_only else jobs, 1):
-    workdir = workdir_of(args.out, mode, seed)
-    command = ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
-                f'--workdir={workdir}']
-               + config_overrides(budget, args.data, mode, seed, args.set))
-    eta = (_clock(statistics.fmean(durations) * (len(jobs) - i + 1))
-           if durations else '?')
-    print(f'[run {i}/{len(jobs)}] {mode} seed {seed}  (elapsed '
-          f'{_clock(time.time() - start)}, ETA {eta})  {workdir}', flush=True)
-    was_finished = os.path.exists(os.path.join(workdir, SUMMARY_FILE))
-    run_start = time.time()
-    rc = run_one(workdir, command)
-    if rc != 0:
-      print(f'  FAILED (exit {rc}); the end of {workdir}/{LOG_FILE}:\n'
-            f'{log_tail(workdir)}', flush=True)
-      continue
-    summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
-    if not was_finished:
-      durations.append(time.time() - run_start)
-    print(f"  {'already finished' if was_finished else 'done'}: test "
-          f"accuracy {summary['test_accuracy']:.4f} "
-          f'({_clock(time.time() - run_start)})', flush=True)
+  jobs = [] if args.report_only else [
+      (m, s) for m in args.modes for s in args.seeds]
+  try:
+    run_all(jobs, args, budget)
+  except KeyboardInterrupt:
+    print('Interrupted: rerun the same command to resume.', file=sys.stderr)
+    return 130
   records = collect(args.out, args.modes, args.seeds)
   write_reports(records, args, budget)
   print(format_table(records, args.modes, args.seeds))
   print(f'Reports in {args.report_dir}: {RESULTS_MD}, {RESULTS_JSON}, '
-        f'{PLOT_FILE} (elapsed {_clock(time.time() - start)}).')
+        f'{PLOT_FILE}.')
   return 0 if all(r['status'] == 'finished' for r in records) else 1
 
 

@@ -15,7 +15,6 @@ from dha_jax.augment import component as da_component
 from dha_jax.augment import policy
 from dha_jax.components import check_components
 from dha_jax.nas import component as nas_component
-from dha_jax.nas import ista
 from experiments import custom_component
 from tests import tiny
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dha_jax import train
 from experiments import landscape
 from experiments import reproduce
 
@@ -88,7 +89,8 @@ def test_replace_section_keeps_the_rest_of_the_file():
   begin, end = reproduce.BEGIN_MARKER, reproduce.END_MARKER
   text = f'# Results\n\nintro\n\n{begin}\nold table\n{end}\n\n## Later\ntail\n'
   out = reproduce.replace_section(text, 'new table')
-  assert out == f'# Results\n\nintro\n\n{begin}\nnew table\n{end}\n\n## Later\ntail\n'
+  assert out == (f'# Results\n\nintro\n\n{begin}\nnew table\n{end}\n\n'
+                 '## Later\ntail\n')
   assert reproduce.replace_section(out, 'new table') == out
 
 
@@ -147,17 +149,19 @@ def test_summarize_leaves_failed_runs_out_of_the_mean():
 def test_collect_reads_summaries_and_wall_times(tmp_path):
   finished = reproduce.workdir_of(str(tmp_path), 'dha', 0)
   os.makedirs(finished)
-  with open(os.path.join(finished, reproduce.SUMMARY_FILE), 'w') as f:
+  with open(os.path.join(finished, train.SUMMARY_FILE), 'w') as f:
     json.dump({'test_accuracy': 0.25, 'wall_seconds': 9.0, 'train_steps': 3,
                'search_steps': 2, 'param_count': 77, 'genotype': {}}, f)
   with open(os.path.join(finished, reproduce.WALL_FILE), 'w') as f:
     json.dump({'seconds': 30.0, 'sessions': 2, 'last_rc': 0}, f)
-  failed = reproduce.workdir_of(str(tmp_path), 'dha', 1)
-  os.makedirs(failed)
-  with open(os.path.join(failed, reproduce.WALL_FILE), 'w') as f:
-    json.dump({'seconds': 4.0, 'sessions': 1, 'last_rc': 2}, f)
-  records = reproduce.collect(str(tmp_path), ['dha'], [0, 1, 2])
-  assert [r['status'] for r in records] == ['finished', 'failed', 'not run']
+  for seed, rc in ((1, 2), (2, None)):
+    workdir = reproduce.workdir_of(str(tmp_path), 'dha', seed)
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, reproduce.WALL_FILE), 'w') as f:
+      json.dump({'seconds': 4.0, 'sessions': 1, 'last_rc': rc}, f)
+  records = reproduce.collect(str(tmp_path), ['dha'], [0, 1, 2, 3])
+  assert [r['status'] for r in records] == ['finished', 'failed',
+                                            'interrupted', 'not run']
   assert records[0]['test_accuracy'] == 0.25
   assert records[0]['wall_seconds'] == 30.0  # all sessions, not the last
   assert records[1]['exit_status'] == 2
