@@ -560,8 +560,10 @@ def main(argv: Sequence[str]) -> int:
           'image-folder zip (train/<class>/*.jpg, test/<class>/*.jpg).',
           file=sys.stderr)
     return 1
+  # Seed-major order: should the budget run out, every mode has as many
+  # finished seeds as any other (less one), so the comparison stays fair.
   jobs = [] if args.report_only else [
-      (m, s) for m in args.modes for s in args.seeds]
+      (m, s) for s in args.seeds for m in args.modes]
   try:
     run_all(jobs, args, budget)
   except KeyboardInterrupt:
