@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 3e-5
   config.batch_size = 1024
   config.eval_batch_size = 1024
+  # The reference's ImageNet HPO batches are half the training batch.
+  config.heldout_batch_size = 512
   config.num_epochs = 250
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000

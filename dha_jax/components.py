@@ -27,6 +27,7 @@ optional:
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -74,6 +75,17 @@ class Component:
   hyperparams: Callable[[PyTree], dict] | None = None
   update: Callable[[PyTree, StepContext], tuple[PyTree, dict]] | None = None
   epoch_end: Callable[[PyTree, int], tuple[PyTree, dict]] | None = None
+
+
+def component_key(key: jax.Array, name: str) -> jax.Array:
+  """`key` folded with a hash of the component's name.
+
+  A component's random numbers (its init, its draws in each step) then
+  depend on its name alone, not on which other components run beside it:
+  `ista_one_stage`, `nas_da` and `dha` start from the same codes b, hence
+  the same support, and `nas_da` and `dha` draw the same op pairs.
+  """
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7fffffff)
 
 
 def check_components(components: list[Component]) -> None:

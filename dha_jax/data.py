@@ -669,13 +669,18 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
 
 # ---------------------------------------------------------------- batching
-def check_batch_size(batch_size: int, num_devices: int) -> None:
-  """Raises DataError unless the global batch splits evenly over devices."""
+def check_batch_size(batch_size: int, num_devices: int,
+                     field: str = 'batch_size') -> None:
+  """Raises DataError unless the global batch splits evenly over devices.
+
+  `field` names the config field that set `batch_size`, for the message.
+  """
   if batch_size <= 0 or batch_size % num_devices:
     raise DataError(
-        f'The global batch size {batch_size} does not divide evenly over '
-        f'{num_devices} devices; use a positive multiple of {num_devices} '
-        f'(e.g. {max(1, round(batch_size / num_devices)) * num_devices}).')
+        f'config.{field} = {batch_size}: the global batch does not divide '
+        f'evenly over {num_devices} devices; use a positive multiple of '
+        f'{num_devices} (e.g. '
+        f'{max(1, round(batch_size / num_devices)) * num_devices}).')
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:

@@ -32,7 +32,8 @@ from jax.sharding import Mesh
 
 from dha_jax import parallel
 from dha_jax.augment import base as augment_base
-from dha_jax.components import Component, StepContext, check_components
+from dha_jax.components import (Component, StepContext, check_components,
+                                component_key)
 from dha_jax.nas.search_space import Architecture
 
 PyTree = Any
@@ -123,8 +124,7 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
   chex.assert_type(images, jnp.uint8)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   geo_key, cutout_key, drop_key, comp_key = jax.random.split(key, 4)
-  comp_keys = {c.name: jax.random.fold_in(comp_key, i)
-               for i, c in enumerate(components)}
+  comp_keys = {c.name: component_key(comp_key, c.name) for c in components}
 
   images = augment_base.train_geometry(
       geo_key, images, mode=pre.mode, pad=pre.pad, crop_size=pre.crop_size,

@@ -37,7 +37,7 @@ from dha_jax import plots
 from dha_jax import step as step_lib
 from dha_jax.augment import component as da_component
 from dha_jax.augment import policy
-from dha_jax.components import Component
+from dha_jax.components import Component, component_key
 from dha_jax.nas import component as nas_component
 from dha_jax.nas import ista
 from dha_jax.nas import network
@@ -253,7 +253,8 @@ class Runner:
     self.mesh = parallel.make_mesh()
     num_devices = self.mesh.devices.size
     data_lib.check_batch_size(config.batch_size, num_devices)
-    data_lib.check_batch_size(config.eval_batch_size, num_devices)
+    data_lib.check_batch_size(config.eval_batch_size, num_devices,
+                              'eval_batch_size')
     self.dataset = data_lib.load_dataset(config.dataset)
     ds = self.dataset
     logging.info('Data %s: %d train, %d HPO, %d test examples, %d classes, '
@@ -275,8 +276,11 @@ class Runner:
     needs_heldout = self.spec.search == 'two_stage' or (
         'hpo' in self.spec.components and config.hpo.mode == 'exact')
     self.hpo_split = ds.hpo if needs_heldout else ds.train
+    self.heldout_batch_size = config.heldout_batch_size or config.batch_size
+    data_lib.check_batch_size(self.heldout_batch_size, num_devices,
+                              'heldout_batch_size')
     if needs_heldout:
-      data_lib.steps_per_epoch(ds.hpo, config.batch_size)  # fails clearly
+      data_lib.steps_per_epoch(ds.hpo, self.heldout_batch_size)  # fails clearly
     self.compiled_supports: set = set()
 
   # -- construction ---------------------------------------------------
@@ -309,12 +313,13 @@ class Runner:
                 components: list[Component], step: int, key: jax.Array
                 ) -> step_lib.TrainState:
     variables = init_variables(self.model, arch, self.shape, key)
-    keys = jax.random.split(jax.random.fold_in(key, 1), max(len(components), 1))
+    init_key = jax.random.fold_in(key, 1)
     return step_lib.TrainState(
         step=jnp.asarray(step, jnp.int32), params=variables['params'],
         batch_stats=variables['batch_stats'],
         opt_state=self.tx.init(variables['params']),
-        components={c.name: c.init(k) for c, k in zip(components, keys)},
+        components={c.name: c.init(component_key(init_key, c.name))
+                    for c in components},
         rng=jax.random.key_data(jax.random.fold_in(key, 2)))
 
   def initial(self, meta: dict[str, Any]
@@ -477,7 +482,7 @@ def _run_steps(run: Runner, manager: ocp.CheckpointManager,
   start = int(state.step)
   train_iter = data_lib.train_batches(run.dataset.train, config.batch_size,
                                       seed=config.seed, start_step=start)
-  hpo_iter = data_lib.train_batches(run.hpo_split, config.batch_size,
+  hpo_iter = data_lib.train_batches(run.hpo_split, run.heldout_batch_size,
                                     seed=config.seed + 1, start_step=start)
   if start < phase.end:
     logging.info('%s phase: steps %d to %d (%d per epoch). Compiling the '
@@ -536,6 +541,44 @@ def _next_phase(run: Runner, state: step_lib.TrainState, phase: Phase,
   return train_phase, parallel.replicate(run.mesh, new_state), meta
 
 
+def restore_checkpoint(run: Runner, manager: ocp.CheckpointManager
+                       ) -> tuple[dict[str, Any], Phase, step_lib.TrainState,
+                                  int | None]:
+  """The run's latest checkpoint, or its fresh start when there is none.
+
+  Returns:
+    (checkpoint metadata, its phase, the state on the host, the checkpoint's
+    step or None).
+  """
+  meta = {'phase': SEARCH if run.spec.search else TRAIN, 'phase_start': 0,
+          'search_steps': 0}
+  latest = manager.latest_step()
+  if latest is not None:
+    meta = manager.restore(latest, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+  phase, state = run.initial(meta)
+  if latest is not None:
+    state = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state)))['state']
+    if 'nas' in state.components:
+      nas_state = state.components['nas']
+      state = state.replace(components={
+          **state.components,
+          'nas': nas_state.replace(ista=ista.sync_support(nas_state.ista))})
+  if meta['phase'] == FIXED:
+    phase = run.fixed_phase(state, phase, meta['phase_start'])
+  return meta, phase, state, latest
+
+
+def deployable_variables(run: Runner, state: step_lib.TrainState,
+                         arch: search_space.Architecture) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of `state` pruned to `arch`'s support."""
+  shapes = jax.eval_shape(lambda: init_variables(run.model, arch, run.shape,
+                                                 jax.random.key(0)))
+  return {k: network.prune_params(getattr(state, k), shapes[k])
+          for k in ('params', 'batch_stats')}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains and evaluates as `config` says; resumes from `workdir`.
@@ -558,25 +601,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       os.path.join(workdir, CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                            create=True))
-  meta = {'phase': SEARCH if run.spec.search else TRAIN, 'phase_start': 0,
-          'search_steps': 0}
-  latest = manager.latest_step()
+  meta, phase, state, latest = restore_checkpoint(run, manager)
   if latest is not None:
-    meta = manager.restore(latest, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-  phase, state = run.initial(meta)
-  if latest is not None:
-    state = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state)))['state']
-    if 'nas' in state.components:
-      nas_state = state.components['nas']
-      state = state.replace(components={
-          **state.components,
-          'nas': nas_state.replace(ista=ista.sync_support(nas_state.ista))})
     logging.info('Resumed from the checkpoint of step %d (%s phase).', latest,
                  meta['phase'])
-  if meta['phase'] == FIXED:
-    phase = run.fixed_phase(state, phase, meta['phase_start'])
   state = parallel.replicate(run.mesh, state)
   writer = MetricsWriter(workdir, int(state.step))
   logging.info('Mode %s; %d parameters.', config.mode,
@@ -610,10 +638,7 @@ def _finish(run: Runner, writer: MetricsWriter, state: step_lib.TrainState,
   logging.info('Test accuracy %.4f, loss %.4f.', test['accuracy'],
                test['loss'])
   # The deployable network: θ pruned to the final support.
-  shapes = jax.eval_shape(lambda: init_variables(run.model, arch, run.shape,
-                                                 jax.random.key(0)))
-  deployed = {k: network.prune_params(getattr(state, k), shapes[k])
-              for k in ('params', 'batch_stats')}
+  deployed = deployable_variables(run, state, arch)
   with open(os.path.join(workdir, DEPLOY_FILE + '.tmp'), 'wb') as f:
     f.write(flax.serialization.to_bytes(deployed))
   os.replace(os.path.join(workdir, DEPLOY_FILE + '.tmp'),

@@ -17,7 +17,7 @@ from configs import default as default_config
 from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
-from dha_jax.components import Component
+from dha_jax.components import Component, component_key
 
 BENCH_LR = 0.05
 BENCH_WD = 3e-4
@@ -38,22 +38,27 @@ def time_train_step(config: ml_collections.ConfigDict, model: Any,
                                  'weight_decay': jnp.float32(BENCH_WD)},
       drop_path_rate=lambda s: jnp.float32(0.0))
   variables = jax.device_get(variables)  # the step donates its own copy
-  keys = jax.random.split(jax.random.key(2), max(len(components), 1))
   state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
       batch_stats=variables['batch_stats'],
       opt_state=tx.init(variables['params']),
-      components={c.name: c.init(k) for c, k in zip(components, keys)},
+      components={c.name: c.init(component_key(jax.random.key(2), c.name))
+                  for c in components},
       rng=jax.random.key_data(jax.random.key(1)))
   batch = parallel.shard_batch(mesh, batch)
-  state = parallel.replicate(mesh, state)
+  return _time_step(fn, parallel.replicate(mesh, state), batch, batch, steps)
+
+
+def _time_step(fn: Any, state: Any, batch: Any, heldout: Any,
+               steps: int) -> dict[str, float]:
+  """Compile seconds of the jitted step `fn` and its best of `steps`."""
   start = time.perf_counter()
-  compiled = fn.lower(state, batch, batch).compile()
+  compiled = fn.lower(state, batch, heldout).compile()
   compile_s = time.perf_counter() - start
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch, batch)
+    state, metrics = compiled(state, batch, heldout)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return {'compile_s': compile_s, 'step_s': float(np.min(times))}
@@ -104,11 +109,18 @@ def machine_info() -> dict[str, Any]:
 
 
 def time_search_step(mode: str, args: argparse.Namespace,
-                     hpo_mode: str = 'exact') -> dict[str, float]:
-  """Compile and best step seconds of `mode`'s search-phase train step."""
+                     hpo_mode: str = 'exact', hpo_batch: int = 0
+                     ) -> dict[str, float]:
+  """Compile and best step seconds of `mode`'s search-phase train step.
+
+  The held-out (HPO) batch has `hpo_batch` examples (0: `args.batch`).
+  'support' is the child network's initial support (equal across modes,
+  whose NAS codes start from the same key).
+  """
   config = bench_config(args)
   config.mode = mode
   config.hpo.mode = hpo_mode
+  config.heldout_batch_size = hpo_batch
   config.nas.max_iters = 2000
   run = train.Runner(config, workdir='')
   run.mesh = parallel.make_mesh(jax.devices()[:1])
@@ -117,14 +129,9 @@ def time_search_step(mode: str, args: argparse.Namespace,
   fn = run.make_step(phase)
   batch = parallel.shard_batch(run.mesh,
                                random_batch(args.batch, args.size))
-  state = parallel.replicate(run.mesh, state)
-  start = time.perf_counter()
-  compiled = fn.lower(state, batch, batch).compile()
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return {'compile_s': compile_s, 'step_s': float(np.min(times))}
+  heldout = parallel.shard_batch(run.mesh, random_batch(
+      run.heldout_batch_size, args.size, seed=1))
+  support = state.components['nas'].ista.support
+  timing = _time_step(fn, parallel.replicate(run.mesh, state), batch, heldout,
+                      args.steps)
+  return {**timing, 'support': support}

@@ -24,10 +24,10 @@ workdirs, comma-separated):
   python -m experiments.landscape --out-dir experiments --grid 11 \
     --span 1.0 --examples 256
 
-A run is restored as `dha_jax.train.train_and_evaluate` resumes one: the
-workdir's config.json, `train.Runner`, the phase metadata of the last Orbax
-checkpoint, `Runner.initial` for the state template and the restore of the
-state. The run must be finished (summary.json present).
+A run is restored as `dha_jax.train.train_and_evaluate` resumes one
+(`train.restore_checkpoint` on the workdir's config.json) and pruned as it
+was deployed (`train.deployable_variables`). The run must be finished
+(summary.json present).
 
 Cost: grid² forward passes of `--examples` images. Measured on this 2-core
 CPU (shared with other work) for a `dha` run at the reproduce budget (C = 8,
@@ -51,11 +51,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from configs import default as default_config
 from dha_jax import plots
 from dha_jax import step as step_lib
 from dha_jax import train
-from dha_jax.nas import ista
-from dha_jax.nas import network
 from experiments import reproduce
 
 PyTree = Any
@@ -149,19 +148,25 @@ def _tuples(value: Any) -> Any:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config of a run, from workdir/config.json."""
+  """The resolved config of a run, from workdir/config.json.
+
+  It is laid over `configs/default.py`, so a run saved before a config field
+  existed reads that field's default.
+  """
   path = os.path.join(workdir, train.CONFIG_FILE)
   if not os.path.exists(path):
     raise train.RunError(f'{path} is missing: {workdir} is not the workdir '
                          'of a dha_jax run.')
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  config = default_config.get_config()
+  config.unlock()
+  config.update(saved)
+  return config
 
 
 def load_final(workdir: str) -> tuple[train.Runner, dict, Any]:
   """A finished run's runner, pruned final variables and final architecture.
-
-  Mirrors the restore of `train.train_and_evaluate`.
 
   Returns:
     (runner, {'params', 'batch_stats'} pruned to the final support, the
@@ -178,25 +183,10 @@ def load_final(workdir: str) -> tuple[train.Runner, dict, Any]:
   manager = ocp.CheckpointManager(
       os.path.join(workdir, train.CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-  latest = manager.latest_step()
-  meta = manager.restore(latest, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore()))['meta']
-  phase, template = runner.initial(meta)
-  state = manager.restore(latest, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template)))['state']
+  _, phase, state, _ = train.restore_checkpoint(runner, manager)
   manager.close()
-  if 'nas' in state.components:
-    nas_state = state.components['nas']
-    state = state.replace(components={
-        **state.components,
-        'nas': nas_state.replace(ista=ista.sync_support(nas_state.ista))})
-  if meta['phase'] == train.FIXED:
-    phase = runner.fixed_phase(state, phase, meta['phase_start'])
   arch = phase.fixed_arch
-  shapes = jax.eval_shape(lambda: train.init_variables(
-      runner.model, arch, runner.shape, jax.random.key(0)))
-  variables = {k: network.prune_params(getattr(state, k), shapes[k])
-               for k in ('params', 'batch_stats')}
+  variables = train.deployable_variables(runner, state, arch)
   return runner, variables, arch
 
 

@@ -38,8 +38,9 @@ after `--search-epochs`); the two-stage `sequential_dha` first searches for
 `--search-epochs` and then trains its genotype from scratch for `--steps`,
 as in the paper, whose tables charge it the longer time.
 
-Budget (default), an ESTIMATE still to be confirmed by the full run: 5,000
-training images (4,500 train + 500 HPO: 46 steps of 96 per epoch), the full
+Budget (default; the full run took 1.78 h of run wall time on 2 cores,
+experiments/RESULTS.md): 5,000 training images (4,500 train + 500 HPO: 46
+steps of 96 per epoch), the full
 10,000 test images, C = 8, 3 cells, 92 steps (2 epochs), a search of 1 epoch
 (the one-stage search then gives way to the fixed-α phase half way), seeds 0,
 1, 2: 15 runs. Why so small: on this 2-core CPU every image costs ~45 ms in a

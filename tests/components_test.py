@@ -2,6 +2,7 @@
 user-written component (experiments/custom_component.py) composed into the
 step without editing it."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ from configs import default as default_config
 from dha_jax import train
 from dha_jax.augment import component as da_component
 from dha_jax.augment import policy
-from dha_jax.components import check_components
+from dha_jax.components import check_components, component_key
 from dha_jax.nas import component as nas_component
 from experiments import custom_component
 from tests import tiny
@@ -34,6 +35,24 @@ def test_check_components_refuses_duplicates_and_two_owners():
     check_components([a, a])
   with pytest.raises(ValueError, match="only one component may supply 'loss'"):
     check_components([a, b])
+
+
+def test_component_draws_depend_on_its_name_alone():
+  key = jax.random.key(0)
+  data = lambda k: jax.random.key_data(k).tolist()
+  assert data(component_key(key, 'nas')) == data(component_key(key, 'nas'))
+  assert data(component_key(key, 'nas')) != data(component_key(key, 'da'))
+  # Hence a mode's NAS codes do not depend on the components beside NAS:
+  # ista_one_stage, nas_da and dha search from the same start.
+  codes = {}
+  for mode in ('ista_one_stage', 'dha'):
+    run = train.Runner(tiny.tiny_config(mode), workdir='')
+    _, state = run.initial({'phase': train.SEARCH, 'phase_start': 0,
+                            'search_steps': 0})
+    codes[mode] = state.components['nas']
+  chex.assert_trees_all_equal(codes['ista_one_stage'], codes['dha'])
+  assert (codes['ista_one_stage'].ista.support
+          == codes['dha'].ista.support)
 
 
 def test_da_component_augments_and_raises_the_hardest_pair():

@@ -174,6 +174,8 @@ def test_batch_size_must_divide_over_devices():
   data.check_batch_size(16, 8)
   with pytest.raises(data.DataError, match='multiple of 8'):
     data.check_batch_size(12, 8)
+  with pytest.raises(data.DataError, match='config.heldout_batch_size = 3'):
+    data.check_batch_size(3, 2, 'heldout_batch_size')
   with pytest.raises(data.DataError, match='no full batch'):
     data.steps_per_epoch(_indexed_split(3), 4)
 

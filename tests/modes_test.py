@@ -21,9 +21,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize('mode', sorted(train.MODES))
 def test_mode_runs_from_the_cli(mode, tmp_path):
   workdir = str(tmp_path / mode)
+  # DHA forwards a held-out batch half the size of the training batch.
+  extra = {'heldout_batch_size': 4, 'hpo.mode': 'exact'} if mode == 'dha' else {}
   proc = subprocess.run(
       [sys.executable, '-m', 'dha_jax.main', '--config=configs/default.py',
-       f'--workdir={workdir}', f'--config.mode={mode}'] + tiny.cli_flags(),
+       f'--workdir={workdir}', f'--config.mode={mode}']
+      + tiny.cli_flags(extra),
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -54,6 +57,10 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
   assert ('search' in phases) == (spec.search is not None)
   if 'hpo' in spec.components:
     assert any('hpo/learning_rate' in r for r in records)
+  if mode == 'dha':
+    assert all(np.isfinite(r['hpo/hpo_loss']) for r in records
+               if 'hpo/hpo_loss' in r)
+    assert any('hpo/hpo_loss' in r for r in records)
 
 
 @pytest.mark.slow
