@@ -102,14 +102,36 @@ def _to_python(value: Any) -> Any:
   return value
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]
+                   ) -> dict[str, Any]:
+  """`saved` with the fields it lacks taken from `defaults`, recursively."""
+  out = dict(defaults)
+  for key, value in saved.items():
+    default = defaults.get(key)
+    out[key] = (_with_defaults(value, default)
+                if isinstance(value, dict) and isinstance(default, dict)
+                else value)
+  return out
+
+
+def read_config_json(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
+  """A workdir's config.json, with the fields it lacks (config fields added
+  to the code after the run was made) taken from `defaults`."""
+  with open(path) as f:
+    return _with_defaults(json.load(f), defaults)
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict
                          ) -> None:
-  """Refuses to resume a workdir that was made with a different config."""
+  """Refuses to resume a workdir that was made with a different config.
+
+  A field its config.json lacks was added to the code since the run was
+  made; it is not a difference, so older workdirs still resume.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+    previous = read_config_json(path, current)
     diff = sorted(k for k in set(previous) | set(current)
                   if k not in RESUMABLE_FIELDS
                   and previous.get(k) != current.get(k))

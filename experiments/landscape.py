@@ -148,21 +148,15 @@ def _tuples(value: Any) -> Any:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config of a run, from workdir/config.json.
-
-  It is laid over `configs/default.py`, so a run saved before a config field
-  existed reads that field's default.
-  """
+  """The resolved config of a run, from workdir/config.json; fields added to
+  `configs/default.py` since the run was made read their defaults."""
   path = os.path.join(workdir, train.CONFIG_FILE)
   if not os.path.exists(path):
     raise train.RunError(f'{path} is missing: {workdir} is not the workdir '
                          'of a dha_jax run.')
-  with open(path) as f:
-    saved = _tuples(json.load(f))
-  config = default_config.get_config()
-  config.unlock()
-  config.update(saved)
-  return config
+  defaults = json.loads(default_config.get_config().to_json_best_effort())
+  return ml_collections.ConfigDict(
+      _tuples(train.read_config_json(path, defaults)))
 
 
 def load_final(workdir: str) -> tuple[train.Runner, dict, Any]:

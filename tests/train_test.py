@@ -126,3 +126,20 @@ def test_workdir_of_another_config_is_refused(finished_run):
   config.model.channels = 6
   with pytest.raises(train.RunError, match='different config'):
     train.train_and_evaluate(config, workdir)
+
+
+def test_workdir_from_before_a_new_config_field_resumes(tmp_path):
+  config = tiny_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved['heldout_batch_size']  # a field added after the run was made
+  del saved['hpo']['meta_lr']
+  with open(tmp_path / train.CONFIG_FILE, 'w') as f:
+    json.dump(saved, f)
+  train.check_workdir_config(str(tmp_path), config)  # no error
+  filled = train.read_config_json(str(tmp_path / train.CONFIG_FILE),
+                                  {'heldout_batch_size': 7, 'hpo': {'meta_lr': 1}})
+  assert filled['heldout_batch_size'] == 7 and filled['hpo']['meta_lr'] == 1
+  assert filled['hpo']['mode'] == config.hpo.mode
+  config.model.channels = 6
+  with pytest.raises(train.RunError, match=r"\['model'\]"):
+    train.check_workdir_config(str(tmp_path), config)
