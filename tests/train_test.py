@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dha_jax import data
 from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
@@ -143,3 +144,16 @@ def test_workdir_from_before_a_new_config_field_resumes(tmp_path):
   config.model.channels = 6
   with pytest.raises(train.RunError, match=r"\['model'\]"):
     train.check_workdir_config(str(tmp_path), config)
+
+
+def test_heldout_batch_size_sets_the_hpo_batch():
+  exact = {'hpo.mode': 'exact'}
+  run = train.Runner(tiny.tiny_config('dha', exact), workdir='')
+  assert run.heldout_batch_size == run.config.batch_size == 8
+  assert run.hpo_split is run.dataset.hpo
+  run = train.Runner(tiny.tiny_config('dha', {**exact,
+                                             'heldout_batch_size': 4}), '')
+  assert run.heldout_batch_size == 4
+  images, labels = next(data.train_batches(run.hpo_split,
+                                           run.heldout_batch_size, seed=0))
+  assert images.shape[0] == labels.shape[0] == 4
