@@ -2,7 +2,7 @@
 
 Paper-scale values are the ISTA-NAS / DARTS CIFAR-10 defaults (C=36, 20 cells,
 auxiliary head, Cutout 16, batch 96, search up to 120 epochs, 600 epochs in
-all; dha_reference.md §C-D lists them; the DHA repository ships no config,
+all; docs/fidelity.md, 'NAS' lists them; the DHA repository ships no config,
 so its per-dataset values are unknown). On a CPU shrink it with overrides,
 e.g. training the DARTS-V2 genotype on the real CIFAR-10 image folder:
 

@@ -4,7 +4,8 @@ TFDS imagenet2012 (prepared in the array_record format; the test split is
 the official validation set), 224-pixel random-resized crops, the DARTS
 ImageNet network (three stride-2 stem convolutions). Paper-scale values from
 ISTA-NAS' ImageNet evaluation (C=48, 14 cells, batch 1024, lr 0.5, wd 3e-5,
-250 epochs, dha_reference.md §D); searched directly on ImageNet:
+250 epochs, docs/fidelity.md, 'Network and training'); searched directly on
+ImageNet:
 
   python -m dha_jax.main --config=configs/imagenet_cell.py --workdir=DIR \
     --config.dataset.data_dir=/path/to/tensorflow_datasets

@@ -21,7 +21,30 @@ optional:
 * `update(state, ctx: StepContext) -> (state, metrics)`: learns from the
   step's quantities after the forward/backward pass.
 * `epoch_end(state, epoch) -> (state, report)`: host-side, between steps, on
-  the slower clock (NAS: ISTA recovery, freezing, constraints).
+  the slower clock (NAS: ISTA recovery, freezing, constraints); the report
+  (JSON-friendly) is logged as a `<name>_epoch` record of metrics.jsonl.
+
+What the training loop needs to run the phases of a search, the component
+declares (so the loop names no component):
+
+* `uses_heldout`: `update` calls `ctx.heldout_loss`; the loop then draws the
+  held-out batch from the HPO split (otherwise it is never read).
+* `search_done(state) -> bool`: host side, after `epoch_end`; True ends the
+  search phase early (NAS: every node frozen).
+* `fixed_architecture(state) -> Architecture`: the architecture that the
+  phase after the search trains with α fixed (the owner of `architecture`).
+* `restore(state) -> state`: host side, after a checkpoint was restored
+  into a template state; refreshes static metadata (NAS: the support).
+* `export(state, reports) -> {file name: object}`: host side, at the end of
+  the run; `reports` are this component's `epoch_end` reports and `state`
+  its final state, or None when the run's final state no longer holds it
+  (a search followed by training from scratch). A `.json`
+  name maps to a JSON object, a `.png` name to a matplotlib figure; the loop
+  writes them into the workdir (DA: policy.json, policy.png).
+
+The step calls the `update` hooks with the state from before the step, so
+their results do not depend on the order of the components; `augment` hooks
+run in list order.
 """
 
 from __future__ import annotations
@@ -75,6 +98,11 @@ class Component:
   hyperparams: Callable[[PyTree], dict] | None = None
   update: Callable[[PyTree, StepContext], tuple[PyTree, dict]] | None = None
   epoch_end: Callable[[PyTree, int], tuple[PyTree, dict]] | None = None
+  uses_heldout: bool = False
+  search_done: Callable[[PyTree], bool] | None = None
+  fixed_architecture: Callable[[PyTree], Any] | None = None
+  restore: Callable[[PyTree], PyTree] | None = None
+  export: Callable[[PyTree, list[dict]], dict[str, Any]] | None = None
 
 
 def component_key(key: jax.Array, name: str) -> jax.Array:
@@ -93,7 +121,7 @@ def check_components(components: list[Component]) -> None:
   names = [c.name for c in components]
   if len(set(names)) != len(names):
     raise ValueError(f'component names must be unique, got {names}')
-  for slot in ('architecture', 'loss', 'hyperparams'):
+  for slot in ('architecture', 'loss', 'hyperparams', 'fixed_architecture'):
     owners = [c.name for c in components if getattr(c, slot) is not None]
     if len(owners) > 1:
       raise ValueError(f'only one component may supply {slot!r}; '

@@ -1,6 +1,6 @@
 """The input sources and batching.
 
-Three sources sit behind one interface (DESIGN.md §2, "input pipeline"):
+Three sources sit behind one interface (docs/design.md, 'Decisions'):
 
 * `digits`: scikit-learn's bundled 8x8 digits (real data shipped in the
   wheel), the offline default;
@@ -19,7 +19,7 @@ reference's evaluation transform, Resize(256) + CenterCrop(224).
 Splits. The source's train split gives the training part and the HPO part:
 the HPO part is the last `val_ratio` fraction of the training split shuffled
 by `split_seed` (the reference's `val_data_ori`, "last val_ratio fraction of
-the training set", `dha_reference.md` §B), and it is disjoint from the
+the training set", docs/fidelity.md, 'Data'), and it is disjoint from the
 training part (the reference's `real_val=True`; its `real_val=False` overlap
 is not reproduced). Every selection (subsets, the HPO split, the images used
 for mean/std) is a deterministic function of `split_seed`, independent of the
@@ -74,6 +74,8 @@ TFDS_LABEL_KEY = 'label'
 DIGITS_TEST_EVERY = 5
 DIGITS_MAX_VALUE = 16.0
 CHANNELS = 3
+# A classifier needs at least this many classes.
+MIN_CLASSES = 2
 _UINT8_MAX = 255.0
 # Independent random streams derived from `split_seed`.
 _STREAM_TRAIN_SUBSET, _STREAM_TEST_SUBSET, _STREAM_HPO, _STREAM_STATS = range(4)
@@ -642,6 +644,14 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   in_memory = _in_memory(config)
   stats = _given_stats(config)
   train, test, class_names = loaders[config.source](config)
+  if len(class_names) < MIN_CLASSES:
+    where = (f'{config.path}/{config.train_split}'
+             if config.source == 'image_folder'
+             else f'{config.source} {config.name}'.strip())
+    raise DataError(
+        f'{where} has {len(class_names)} class(es) {list(class_names)}; a '
+        f'classifier needs at least {MIN_CLASSES}. Give the training split '
+        'one folder per class.')
   seed = config.split_seed
   if config.source != 'tfds':  # TFDS subsets are chosen before reading.
     train = _balanced(train, config.max_train_examples,

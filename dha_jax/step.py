@@ -1,6 +1,6 @@
 """The single jitted, data-parallel train step, composed from components.
 
-Within one step, in the order of Algorithm 1 (DESIGN.md §1):
+Within one step, in the order of Algorithm 1 (docs/design.md, 'Data flow'):
 
   1. base geometry on the uint8 batch (crop, flip);
   2. component `augment` hooks (DA: sample op pairs from τ, apply them);
@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from dha_jax import parallel
 from dha_jax.augment import base as augment_base
+from dha_jax.hpo import inner as hpo_inner
 from dha_jax.components import (Component, StepContext, check_components,
                                 component_key)
 from dha_jax.nas.search_space import Architecture
@@ -93,22 +94,41 @@ def eval_images(pre: Preprocess, images: jax.Array) -> jax.Array:
                                       std=pre.std)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           total_steps: int) -> optax.Schedule:
-  """θ's learning rate when no component supplies η."""
-  opt = config.optimizer
-  if opt.schedule == 'constant':
-    return optax.constant_schedule(opt.learning_rate)
-  if opt.schedule == 'cosine':
-    return optax.cosine_decay_schedule(
-        opt.learning_rate, max(total_steps, 1),
-        alpha=opt.min_learning_rate / opt.learning_rate)
-  raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got "
-                   f'{opt.schedule!r}')
-
-
 def _owner(components: Sequence[Component], slot: str) -> Component | None:
   return next((c for c in components if getattr(c, slot) is not None), None)
+
+
+def augment_batch(state: TrainState, images: jax.Array, *,
+                  components: Sequence[Component], pre: Preprocess,
+                  geo_key: jax.Array, cutout_key: jax.Array,
+                  comp_keys: dict[str, jax.Array],
+                  ) -> tuple[jax.Array, dict[str, PyTree]]:
+  """Steps 1-3: base geometry, the components' `augment` hooks (in list
+  order), normalisation and Cutout.
+
+  Args:
+    state: the train state (the components read their own state).
+    images: uint8 [B, H, W, 3].
+    components: the step's components.
+    pre: the base preprocessing.
+    geo_key, cutout_key: keys of the crop/flip and of Cutout.
+    comp_keys: {component name: its key for `augment`}.
+
+  Returns:
+    (float32 images [B, H', W', 3], {component name: its `augment` stash}).
+  """
+  images = augment_base.train_geometry(
+      geo_key, images, mode=pre.mode, pad=pre.pad, crop_size=pre.crop_size,
+      flip=pre.flip)
+  stash = {}
+  for c in components:
+    if c.augment is not None:
+      images, stash[c.name] = c.augment(state.components[c.name],
+                                        comp_keys[c.name], images)
+  images = augment_base.train_finalize(cutout_key, images, mean=pre.mean,
+                                       std=pre.std,
+                                       cutout_size=pre.cutout_size)
+  return images, stash
 
 
 def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
@@ -126,18 +146,10 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
   geo_key, cutout_key, drop_key, comp_key = jax.random.split(key, 4)
   comp_keys = {c.name: component_key(comp_key, c.name) for c in components}
 
-  images = augment_base.train_geometry(
-      geo_key, images, mode=pre.mode, pad=pre.pad, crop_size=pre.crop_size,
-      flip=pre.flip)
-  stash = {}
-  for c in components:
-    if c.augment is not None:
-      images, stash[c.name] = c.augment(
-          state.components[c.name], jax.random.fold_in(comp_keys[c.name], 0),
-          images)
-  images = augment_base.train_finalize(cutout_key, images, mean=pre.mean,
-                                       std=pre.std,
-                                       cutout_size=pre.cutout_size)
+  images, stash = augment_batch(
+      state, images, components=components, pre=pre, geo_key=geo_key,
+      cutout_key=cutout_key,
+      comp_keys={n: jax.random.fold_in(k, 0) for n, k in comp_keys.items()})
 
   arch_owner = _owner(components, 'architecture')
   loss_owner = _owner(components, 'loss')
@@ -174,19 +186,16 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
   hparams = (default_hparams(state.step) if hp_owner is None
              else hp_owner.hyperparams(state.components[hp_owner.name]))
 
-  def inner_update(hp):
-    opt_state = state.opt_state._replace(
-        hyperparams={**state.opt_state.hyperparams, **hp})
-    updates, new_opt_state = tx.update(param_grads, opt_state, state.params)
-    return optax.apply_updates(state.params, updates), new_opt_state
-
+  inner_update = functools.partial(hpo_inner.inner_step, tx, state.params,
+                                   param_grads, state.opt_state)
   new_params, new_opt_state = inner_update(hparams)
 
   hpo_images = eval_images(pre, hpo_batch[0])
 
   def heldout_loss(params, overrides=None):
     # Main-head loss on the un-augmented HPO batch, BN in training mode as
-    # the reference (dha_reference.md §B); its batch statistics are not kept.
+    # the reference (docs/fidelity.md, 'HPO'); its batch statistics are not
+    # kept.
     values = trainables if overrides is None else {**trainables, **overrides}
     per_example, _, _ = forward(params, values, new_stats, hpo_images,
                                 hpo_batch[1], {'dropout': drop_key}, False)

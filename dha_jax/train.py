@@ -1,11 +1,16 @@
 """The training loop: data, state, phases, evaluation, checkpoints, metrics.
 
 This is the imperative shell around the pure step (`dha_jax.step`): the only
-module that reads and writes files. A run's workdir receives (DESIGN.md §5):
+module that reads and writes files. `train_and_evaluate` reads top to bottom:
+workdir → set-up → restore → the mode's phases (`dha_jax.modes`) → evaluate
+and write the results. The loop knows components only through their hooks
+(`dha_jax.components`); it names none of them. A run's workdir receives
+(docs/design.md, 'Workdir'):
 
   config.json     the resolved configuration
   metrics.jsonl   one JSON object per logged step (and per evaluation)
   checkpoints/    Orbax checkpoints; a rerun on the same workdir resumes
+  genotype.json, model.msgpack, the components' exports, PNG plots
   summary.json    written once at the end (its presence marks a finished run)
 
 Files are written atomically (temporary file, then rename), so a kill never
@@ -19,27 +24,24 @@ import importlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
-import flax.serialization
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from dha_jax import data as data_lib
-from dha_jax import hpo
+from dha_jax import modes
 from dha_jax import parallel
 from dha_jax import plots
 from dha_jax import step as step_lib
-from dha_jax.augment import component as da_component
-from dha_jax.augment import policy
 from dha_jax.components import Component, component_key
-from dha_jax.nas import component as nas_component
-from dha_jax.nas import ista
+from dha_jax.hpo import inner as hpo_inner
 from dha_jax.nas import network
 from dha_jax.nas import search_space
 
@@ -48,12 +50,14 @@ METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 GENOTYPE_FILE = 'genotype.json'
-POLICY_FILE = 'policy.json'
 DEPLOY_FILE = 'model.msgpack'
+HPARAMS_PLOT = 'hparams.png'
+PLOT_DPI = 100
 # Config fields that may differ when resuming a workdir (they do not change
 # what is computed).
 RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps',
                     'keep_checkpoints', 'compilation_cache_dir')
+SEARCH, FIXED, TRAIN = modes.SEARCH, modes.FIXED, modes.TRAIN
 
 
 class RunError(RuntimeError):
@@ -61,13 +65,34 @@ class RunError(RuntimeError):
 
 
 # ------------------------------------------------------------------ files
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+  """`write(tmp_path)` then renames the temporary file to `path`.
+
+  The temporary name keeps `path`'s extension, so writers that pick the
+  format from it (matplotlib) still do.
+  """
+  root, ext = os.path.splitext(path)
+  tmp = f'{root}.tmp{ext}'
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      f.write(text)
+  write_atomic(path, write)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON to `path` through a temporary file and a rename."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def save_figure(fig: Any, path: str) -> None:
+  """Saves a matplotlib figure as PNG, atomically, and closes it."""
+  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=PLOT_DPI))
+  plots.plt.close(fig)
 
 
 class MetricsWriter:
@@ -83,10 +108,7 @@ class MetricsWriter:
       with open(self.path) as f:
         kept = [line for line in f
                 if line.strip() and json.loads(line)['step'] <= resume_step]
-      tmp = f'{self.path}.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+      write_text_atomic(self.path, ''.join(kept))
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     record = {'step': int(step)}
@@ -100,6 +122,12 @@ def _to_python(value: Any) -> Any:
     value = np.asarray(value)
     return value.item() if value.ndim == 0 else value.tolist()
   return value
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of workdir/metrics.jsonl."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]
@@ -174,69 +202,36 @@ def input_shape(config: ml_collections.ConfigDict,
 
 
 def init_variables(model: network.DARTSNetwork, arch: search_space.Architecture,
-                   shape: tuple[int, ...], key: jax.Array) -> dict:
+                   shape: tuple[int, ...], key: jax.Array,
+                   train: bool = True) -> dict:
   """Initialises params and batch stats eagerly.
 
   `jax.jit(model.init)` of a DARTS network compiles for minutes on CPU
-  (DESIGN.md §7) while eager init takes seconds.
+  (docs/design.md, 'Measured costs') while eager init takes seconds. With
+  `train=False` the auxiliary head is not built.
   """
   params_key, dropout_key = jax.random.split(key)
   variables = model.init({'params': params_key, 'dropout': dropout_key},
-                         jnp.zeros(shape, jnp.float32), arch, train=True)
+                         jnp.zeros(shape, jnp.float32), arch, train=train)
   return {'params': variables['params'],
           'batch_stats': variables['batch_stats']}
+
+
+def variable_shapes(model: network.DARTSNetwork,
+                    arch: search_space.Architecture,
+                    shape: tuple[int, ...], train: bool = True) -> dict:
+  """{'params', 'batch_stats'} of `arch`'s network as shape structs (no
+  computation: `jax.eval_shape`)."""
+  return jax.eval_shape(lambda: init_variables(model, arch, shape,
+                                               jax.random.key(0), train))
 
 
 def param_count(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def make_inner_optimizer(config: ml_collections.ConfigDict
-                         ) -> optax.GradientTransformation:
-  opt = config.optimizer
-  return hpo.make_inner_optimizer(momentum=opt.momentum, nesterov=opt.nesterov,
-                                  grad_clip=opt.grad_clip)
-
-
-# ------------------------------------------------------------------ modes
-@dataclasses.dataclass(frozen=True)
-class ModeSpec:
-  """What a mode runs (the paper's methods, dha_reference.md §0).
-
-  Attributes:
-    search: None (train `model.genotype`), 'one_stage' (search with the same
-      weights that then train on, α fixed: no retraining) or 'two_stage'
-      (search with b on the HPO batch, then train the genotype from scratch).
-    components: the DA / HPO components active while θ trains (and, in
-      one-stage modes, during the search too).
-  """
-  search: str | None
-  components: tuple[str, ...]
-
-
-MODES = {
-    'train': ModeSpec(None, ()),
-    'ista_one_stage': ModeSpec('one_stage', ()),
-    'nas_da': ModeSpec('one_stage', ('da',)),
-    'nas_hpo': ModeSpec('one_stage', ('hpo',)),
-    'dha': ModeSpec('one_stage', ('da', 'hpo')),
-    'ista_two_stage': ModeSpec('two_stage', ()),
-    'sequential_nas_da': ModeSpec('two_stage', ('da',)),
-    'sequential_nas_hpo': ModeSpec('two_stage', ('hpo',)),
-    'sequential_dha': ModeSpec('two_stage', ('da', 'hpo')),
-}
-SEARCH, FIXED, TRAIN = 'search', 'fixed', 'train'
-
-
-def mode_spec(mode: str) -> ModeSpec:
-  if mode not in MODES:
-    raise RunError(f'config.mode={mode!r} is not a mode; choose one of '
-                   f'{sorted(MODES)}.')
-  return MODES[mode]
-
-
 def load_extra_components(config: ml_collections.ConfigDict
-                          ) -> list[Component]:
+                          ) -> tuple[Component, ...]:
   """User components: `config.extra_components` = 'pkg.module:factory,...'.
 
   Each factory is called with the whole config and returns a `Component`.
@@ -250,195 +245,102 @@ def load_extra_components(config: ml_collections.ConfigDict
     except (ImportError, AttributeError) as e:
       raise RunError(f'config.extra_components entry {spec!r} must be '
                      f'"module:factory" of an importable module: {e}') from e
-  return out
+  return tuple(out)
 
 
 # ------------------------------------------------------------------ runs
 @dataclasses.dataclass
-class Phase:
-  """One phase of a run: its components, architecture and step range."""
-  name: str
-  start: int
-  end: int
-  components: tuple[Component, ...]
-  fixed_arch: search_space.Architecture | None
-  genotype: search_space.Genotype | None = None
+class Run:
+  """What every phase of a run shares: config, data, model, mesh.
 
+  Build it with `Run.create`; it holds no training state.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  spec: modes.ModeSpec
+  phases: tuple[modes.PhaseSpec, ...]
+  mesh: Any
+  dataset: data_lib.Dataset
+  steps_per_epoch: int
+  train_steps: int
+  search_budget: int
+  model: network.DARTSNetwork
+  shape: tuple[int, int, int, int]
+  pre: step_lib.Preprocess
+  tx: optax.GradientTransformation
+  key: jax.Array
+  extra: tuple[Component, ...]
+  hpo_split: data_lib.Split
+  heldout_batch_size: int
+  compiled: set = dataclasses.field(default_factory=set)
 
-class Runner:
-  """Holds what every phase shares: data, model, mesh, files."""
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = config
-    self.workdir = workdir
-    self.spec = mode_spec(config.mode)
-    self.mesh = parallel.make_mesh()
-    num_devices = self.mesh.devices.size
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Run':
+    try:
+      spec = modes.mode_spec(config.mode)
+    except modes.ModeError as e:
+      raise RunError(str(e)) from e
+    mesh = parallel.make_mesh()
+    num_devices = mesh.devices.size
     data_lib.check_batch_size(config.batch_size, num_devices)
     data_lib.check_batch_size(config.eval_batch_size, num_devices,
                               'eval_batch_size')
-    self.dataset = data_lib.load_dataset(config.dataset)
-    ds = self.dataset
+    heldout_batch_size = config.heldout_batch_size or config.batch_size
+    data_lib.check_batch_size(heldout_batch_size, num_devices,
+                              'heldout_batch_size')
+    ds = data_lib.load_dataset(config.dataset)
     logging.info('Data %s: %d train, %d HPO, %d test examples, %d classes, '
                  '%d devices.', ds.name, len(ds.train), len(ds.hpo),
                  len(ds.test), ds.num_classes, num_devices)
-    self.steps_per_epoch = data_lib.steps_per_epoch(ds.train,
-                                                    config.batch_size)
-    self.train_steps = _total_steps(config, self.steps_per_epoch)
-    self.search_budget = (config.nas.search_epochs * self.steps_per_epoch
-                          if self.spec.search else 0)
-    self.model = create_model(config, ds.num_classes)
-    self.shape = input_shape(config, ds)
-    self.pre = step_lib.Preprocess.from_config(config, ds.mean, ds.std)
-    self.tx = make_inner_optimizer(config)
-    self.key = jax.random.key(config.seed)
-    self.extra = load_extra_components(config)
-    # The held-out HPO batch feeds Eq. 4 (exact HPO) and the two-stage
-    # search; other runs never read it, so the training split stands in.
-    needs_heldout = self.spec.search == 'two_stage' or (
-        'hpo' in self.spec.components and config.hpo.mode == 'exact')
-    self.hpo_split = ds.hpo if needs_heldout else ds.train
-    self.heldout_batch_size = config.heldout_batch_size or config.batch_size
-    data_lib.check_batch_size(self.heldout_batch_size, num_devices,
-                              'heldout_batch_size')
-    if needs_heldout:
-      data_lib.steps_per_epoch(ds.hpo, self.heldout_batch_size)  # fails clearly
-    self.compiled_supports: set = set()
+    steps_per_epoch = data_lib.steps_per_epoch(ds.train, config.batch_size)
+    model = create_model(config, ds.num_classes)
+    run = cls(
+        config=config, workdir=workdir, spec=spec, phases=spec.phases(),
+        mesh=mesh, dataset=ds, steps_per_epoch=steps_per_epoch,
+        train_steps=_total_steps(config, steps_per_epoch),
+        search_budget=modes.search_budget(config, steps_per_epoch),
+        model=model, shape=input_shape(config, ds),
+        pre=step_lib.Preprocess.from_config(config, ds.mean, ds.std),
+        tx=hpo_inner.optimizer_from_config(config),
+        key=jax.random.key(config.seed),
+        extra=load_extra_components(config), hpo_split=ds.train,
+        heldout_batch_size=heldout_batch_size)
+    # The held-out batch feeds the components that declare `uses_heldout`
+    # (exact HPO, the two-stage search); other runs never read it, so the
+    # training split stands in.
+    if run.uses_heldout():
+      data_lib.steps_per_epoch(ds.hpo, heldout_batch_size)  # fails clearly
+      run.hpo_split = ds.hpo
+    return run
 
-  # -- construction ---------------------------------------------------
+  def components(self, phase: modes.PhaseSpec, param_shapes: Any
+                 ) -> tuple[Component, ...]:
+    """The components of `phase`; user components join the phases whose
+    weights are deployed."""
+    ctx = modes.BuildContext(search=self.spec.search,
+                             param_shapes=param_shapes,
+                             param_count=self.param_count_of)
+    built = modes.build_components(phase.components, self.config, ctx)
+    return built + (self.extra if phase.trains_final_weights else ())
+
+  def uses_heldout(self) -> bool:
+    """Whether any phase's components read the held-out batch."""
+    return any(c.uses_heldout for p in self.phases
+               for c in self.components(p, param_shapes=None))
+
+  def dense_architecture(self) -> search_space.Architecture:
+    """Every op on every edge: θ of a search holds every op's parameters."""
+    ops = search_space.primitives(self.config.nas.include_none)
+    return search_space.make_architecture(search_space.dense_support(ops))
+
+  def variable_shapes(self, arch: search_space.Architecture) -> dict:
+    return variable_shapes(self.model, arch, self.shape)
+
   def param_count_of(self, support: dict) -> int:
     """Parameters (auxiliary head excluded) of the network on `support`."""
-    shapes = jax.eval_shape(lambda: self.model.init(
-        {'params': jax.random.key(0), 'dropout': jax.random.key(0)},
-        jnp.zeros(self.shape), search_space.make_architecture(support),
-        train=False))
-    return param_count(shapes['params'])
-
-  def nas_component(self) -> Component:
-    nas_config = self.config.nas
-    if self.spec.search == 'two_stage':
-      # Two-stage ISTA: b learns on the held-out batch, nodes never freeze.
-      nas_config = ml_collections.ConfigDict(nas_config.to_dict())
-      nas_config.code_loss = 'heldout'
-      nas_config.dist_limit = -1.0
-    return nas_component.make_component(nas_config, self.param_count_of)
-
-  def train_components(self, params: Any) -> list[Component]:
-    out = []
-    if 'da' in self.spec.components:
-      out.append(da_component.make_component(self.config.da))
-    if 'hpo' in self.spec.components:
-      out.append(hpo.make_component(self.config.hpo, params))
-    return out + self.extra
-
-  def new_state(self, arch: search_space.Architecture,
-                components: list[Component], step: int, key: jax.Array
-                ) -> step_lib.TrainState:
-    variables = init_variables(self.model, arch, self.shape, key)
-    init_key = jax.random.fold_in(key, 1)
-    return step_lib.TrainState(
-        step=jnp.asarray(step, jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'],
-        opt_state=self.tx.init(variables['params']),
-        components={c.name: c.init(component_key(init_key, c.name))
-                    for c in components},
-        rng=jax.random.key_data(jax.random.fold_in(key, 2)))
-
-  def initial(self, meta: dict[str, Any]
-              ) -> tuple[Phase, step_lib.TrainState]:
-    """The phase of `meta` and a state template for it (fresh values)."""
-    spec = self.spec
-    if spec.search is None:
-      genotype = load_genotype(self.config.model.genotype)
-      arch = search_space.genotype_architecture(genotype)
-      comps = self.train_components(self._param_shapes(arch))
-      return (Phase(TRAIN, 0, self.train_steps, tuple(comps), arch, genotype),
-              self.new_state(arch, comps, 0, self.key))
-    if meta['phase'] == TRAIN:  # two-stage: the genotype from scratch
-      genotype = search_space.Genotype.from_json(json.dumps(meta['genotype']))
-      arch = search_space.genotype_architecture(genotype)
-      comps = self.train_components(self._param_shapes(arch))
-      start = meta['phase_start']
-      return (Phase(TRAIN, start, start + self.train_steps, tuple(comps), arch,
-                    genotype),
-              self.new_state(arch, comps, start,
-                             jax.random.fold_in(self.key, start)))
-    # Search (either kind) and the one-stage fixed phase share one state:
-    # θ on the dense support (every op's parameters exist), the NAS state.
-    dense = search_space.make_architecture(
-        search_space.dense_support(nas_component.ista_config(
-            self.config.nas).ops))
-    nas = self.nas_component()
-    others = (self.train_components(self._param_shapes(dense))
-              if spec.search == 'one_stage' else [])
-    comps = [c for c in others if c.name != 'hpo'] + [nas] + [
-        c for c in others if c.name == 'hpo']
-    state = self.new_state(dense, comps, 0, self.key)
-    end = (self.train_steps if spec.search == 'one_stage'
-           else self.search_budget)
-    phase = Phase(SEARCH, 0, min(self.search_budget, end), tuple(comps), None)
-    return phase, state
-
-  def _param_shapes(self, arch: search_space.Architecture) -> Any:
-    return jax.eval_shape(lambda: init_variables(
-        self.model, arch, self.shape, jax.random.key(0)))['params']
-
-  def fixed_phase(self, state: step_lib.TrainState, search: Phase,
-                  end_step: int) -> Phase:
-    """One-stage: the same weights train on with α fixed (no retraining)."""
-    nas_state = jax.device_get(state.components['nas'])
-    arch = nas_component.final_architecture(nas_state)
-    comps = tuple(c for c in search.components if c.name != 'nas')
-    return Phase(FIXED, end_step, self.train_steps, comps, arch,
-                 search_space.support_to_genotype(arch.support_dict))
-
-  # -- running --------------------------------------------------------
-  def make_step(self, phase: Phase):
-    config = self.config
-    total = max(phase.end - phase.start, 1)
-    # Constant during the search (as the reference), scheduled afterwards.
-    schedule = (optax.constant_schedule(config.optimizer.learning_rate)
-                if phase.name == SEARCH
-                else step_lib.learning_rate_schedule(config, total))
-    weight_decay = jnp.asarray(config.optimizer.weight_decay, jnp.float32)
-    drop_prob = 0.0 if phase.name == SEARCH else config.model.drop_path_prob
-    start = phase.start
-
-    def default_hparams(step):
-      return {'learning_rate': schedule(step - start),
-              'weight_decay': weight_decay}
-
-    def drop_path_rate(step):
-      return drop_prob * (step - start) / total
-
-    return step_lib.make_train_step(
-        self.mesh, model=self.model, tx=self.tx, components=phase.components,
-        fixed_arch=phase.fixed_arch, pre=self.pre,
-        aux_weight=config.model.aux_weight, default_hparams=default_hparams,
-        drop_path_rate=drop_path_rate)
-
-  def epoch_end(self, state: step_lib.TrainState, phase: Phase, epoch: int,
-                writer: MetricsWriter) -> step_lib.TrainState:
-    """Host-side per-epoch hooks (NAS: recovery, freezing, Eq. 1)."""
-    hooks = [c for c in phase.components if c.epoch_end is not None]
-    if not hooks:
-      return state
-    components = dict(jax.device_get(state.components))
-    for c in hooks:
-      components[c.name], report = c.epoch_end(components[c.name], epoch)
-      writer.write(int(state.step), {'phase': f'{c.name}_epoch',
-                                     **_flatten_report(report)})
-    return parallel.replicate(self.mesh, state.replace(components=components))
-
-
-def _flatten_report(report: dict[str, Any]) -> dict[str, Any]:
-  """JSON-friendly per-epoch report (supports as genotype-style lists)."""
-  out = {}
-  for k, v in report.items():
-    if k == 'candidate_support':
-      v = json.loads(search_space.support_to_genotype(v).to_json())
-    out[k] = v
-  return out
+    return param_count(variable_shapes(
+        self.model, search_space.make_architecture(support), self.shape,
+        train=False)['params'])
 
 
 def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -448,6 +350,332 @@ def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int
   return int(config.num_epochs * steps_per_epoch)
 
 
+# ---------------------------------------------------------------- phases
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a run stands; saved with every checkpoint (as its JSON `meta`).
+
+  Attributes:
+    phase: name of the phase the next step belongs to.
+    phase_start: the step at which that phase started.
+    state_start: the step at which the state's weights were initialised
+      (the start of the last phase with a fresh state).
+    search_steps: steps the search took (0 until it ended).
+    genotype: the searched genotype as JSON, once a search ended.
+  """
+  phase: str
+  phase_start: int = 0
+  state_start: int = 0
+  search_steps: int = 0
+  genotype: dict | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if v is not None}
+
+  @classmethod
+  def from_json(cls, meta: dict[str, Any], fresh_state: bool) -> 'Progress':
+    """Reads checkpoint metadata; checkpoints written before `state_start`
+    existed started their state with their phase, or at 0 (one-stage)."""
+    state_start = meta.get('state_start',
+                           meta['phase_start'] if fresh_state else 0)
+    return cls(phase=meta['phase'], phase_start=meta['phase_start'],
+               state_start=state_start, search_steps=meta['search_steps'],
+               genotype=meta.get('genotype'))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A phase ready to run: its spec, step range, components, architecture.
+
+  `arch` is None while a component supplies the architecture (a search);
+  `genotype` is that of the fixed architecture, if any.
+  """
+  spec: modes.PhaseSpec
+  start: int
+  end: int
+  components: tuple[Component, ...]
+  arch: search_space.Architecture | None
+  genotype: search_space.Genotype | None
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+
+def phase_index(run: Run, name: str) -> int:
+  names = [p.name for p in run.phases]
+  if name not in names:
+    raise RunError(f'The checkpoint is of a {name!r} phase, which mode '
+                   f'{run.config.mode!r} does not have ({names}).')
+  return names.index(name)
+
+
+def _phase_genotype(run: Run, progress: Progress) -> search_space.Genotype:
+  """The genotype of a genotype phase: the search's, else the config's."""
+  if progress.genotype is not None:
+    return search_space.Genotype.from_json(json.dumps(progress.genotype))
+  return load_genotype(run.config.model.genotype)
+
+
+def _init_architecture(run: Run, spec: modes.PhaseSpec, progress: Progress
+                       ) -> search_space.Architecture:
+  """The architecture a fresh state of `spec` is initialised on."""
+  if spec.architecture == modes.ARCH_GENOTYPE:
+    return search_space.genotype_architecture(_phase_genotype(run, progress))
+  return run.dense_architecture()
+
+
+def _param_shapes(state: step_lib.TrainState) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      state.params)
+
+
+def fresh_state(run: Run, index: int, progress: Progress
+                ) -> step_lib.TrainState:
+  """Newly initialised weights and component states for phase `index`,
+  whose fresh state starts at `progress.state_start`."""
+  spec = run.phases[index]
+  arch = _init_architecture(run, spec, progress)
+  start = progress.state_start
+  key = run.key if start == 0 else jax.random.fold_in(run.key, start)
+  components = run.components(spec, run.variable_shapes(arch)['params'])
+  variables = init_variables(run.model, arch, run.shape, key)
+  init_key = jax.random.fold_in(key, 1)
+  return step_lib.TrainState(
+      step=jnp.asarray(start, jnp.int32), params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=run.tx.init(variables['params']),
+      components={c.name: c.init(component_key(init_key, c.name))
+                  for c in components},
+      rng=jax.random.key_data(jax.random.fold_in(key, 2)))
+
+
+def first_phase(run: Run) -> tuple[Phase, step_lib.TrainState]:
+  """The first phase of a fresh run and its initial state (on the host)."""
+  progress = Progress(phase=run.phases[0].name)
+  state = fresh_state(run, 0, progress)
+  return build_phase(run, progress, state), state
+
+
+def _state_origin(run: Run, index: int) -> int:
+  """The phase whose fresh state phase `index` carries on with."""
+  while not run.phases[index].fresh_state:
+    index -= 1
+  return index
+
+
+def build_phase(run: Run, progress: Progress, state: step_lib.TrainState
+                ) -> Phase:
+  """The phase `progress` points at, on `state` (host or device)."""
+  index = phase_index(run, progress.phase)
+  spec = run.phases[index]
+  components = run.components(spec, _param_shapes(state))
+  arch = genotype = None
+  if spec.architecture == modes.ARCH_GENOTYPE:
+    genotype = _phase_genotype(run, progress)
+    arch = search_space.genotype_architecture(genotype)
+  elif spec.architecture == modes.ARCH_SEARCHED:
+    searcher = next(c for c in run.components(run.phases[index - 1],
+                                              _param_shapes(state))
+                    if c.fixed_architecture is not None)
+    arch = searcher.fixed_architecture(
+        jax.device_get(state.components[searcher.name]))
+    genotype = search_space.support_to_genotype(arch.support_dict)
+  end = (progress.state_start + run.train_steps
+         if spec.trains_final_weights else np.inf)
+  if spec.searching:
+    end = min(end, progress.phase_start + run.search_budget)
+  return Phase(spec=spec, start=progress.phase_start, end=int(end),
+               components=components, arch=arch, genotype=genotype)
+
+
+def restore_checkpoint(run: Run, manager: ocp.CheckpointManager
+                       ) -> tuple[Progress, step_lib.TrainState, int | None]:
+  """The run's latest checkpoint, or its fresh start when there is none.
+
+  Returns:
+    (progress, the state on the host, the checkpoint's step or None).
+  """
+  latest = manager.latest_step()
+  if latest is None:
+    progress = Progress(phase=run.phases[0].name)
+    return progress, fresh_state(run, 0, progress), None
+  meta = manager.restore(latest, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  index = phase_index(run, meta['phase'])
+  progress = Progress.from_json(meta, run.phases[index].fresh_state)
+  template = fresh_state(run, _state_origin(run, index), progress)
+  state = manager.restore(latest, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(template)))['state']
+  components = dict(state.components)
+  for c in run.components(run.phases[_state_origin(run, index)],
+                          _param_shapes(state)):
+    if c.restore is not None:
+      components[c.name] = c.restore(components[c.name])
+  return progress, state.replace(components=components), latest
+
+
+def next_progress(run: Run, phase: Phase, state: step_lib.TrainState,
+                  progress: Progress) -> Progress | None:
+  """Where the run goes after `phase` (None: it is over).
+
+  After a search, the searched genotype (of the searcher's fixed
+  architecture) is recorded; a phase with a fresh state starts its weights
+  at the current step.
+  """
+  index = phase_index(run, phase.name)
+  if index + 1 == len(run.phases):
+    return None
+  done = int(state.step)
+  nxt = run.phases[index + 1]
+  updates = {'phase': nxt.name, 'phase_start': done}
+  if nxt.fresh_state:
+    updates['state_start'] = done
+  if phase.spec.searching:
+    searcher = next(c for c in phase.components
+                    if c.fixed_architecture is not None)
+    arch = searcher.fixed_architecture(
+        jax.device_get(state.components[searcher.name]))
+    updates['search_steps'] = done
+    updates['genotype'] = json.loads(
+        search_space.support_to_genotype(arch.support_dict).to_json())
+  return dataclasses.replace(progress, **updates)
+
+
+def deployable_variables(run: Run, state: step_lib.TrainState,
+                         arch: search_space.Architecture) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of `state` pruned to `arch`'s support."""
+  shapes = run.variable_shapes(arch)
+  return {k: network.prune_params(getattr(state, k), shapes[k])
+          for k in ('params', 'batch_stats')}
+
+
+# ------------------------------------------------------------ the steps
+def make_step(run: Run, phase: Phase) -> Callable:
+  """The jitted train step of `phase`: η from a component or the schedule."""
+  config = run.config
+  total = max(phase.end - phase.start, 1)
+  # Constant during the search (as the reference), scheduled afterwards.
+  schedule = (optax.constant_schedule(config.optimizer.learning_rate)
+              if phase.spec.searching
+              else hpo_inner.learning_rate_schedule(config, total))
+  weight_decay = jnp.asarray(config.optimizer.weight_decay, jnp.float32)
+  drop_prob = 0.0 if phase.spec.searching else config.model.drop_path_prob
+  start = phase.start
+
+  def default_hparams(step):
+    return {'learning_rate': schedule(step - start),
+            'weight_decay': weight_decay}
+
+  def drop_path_rate(step):
+    return drop_prob * (step - start) / total
+
+  return step_lib.make_train_step(
+      run.mesh, model=run.model, tx=run.tx, components=phase.components,
+      fixed_arch=phase.arch, pre=run.pre, aux_weight=config.model.aux_weight,
+      default_hparams=default_hparams, drop_path_rate=drop_path_rate)
+
+
+def epoch_end(run: Run, state: step_lib.TrainState, phase: Phase, epoch: int,
+              writer: MetricsWriter) -> step_lib.TrainState:
+  """Host-side per-epoch hooks; each report becomes a `<name>_epoch` record."""
+  hooks = [c for c in phase.components if c.epoch_end is not None]
+  if not hooks:
+    return state
+  components = dict(jax.device_get(state.components))
+  for c in hooks:
+    components[c.name], report = c.epoch_end(components[c.name], epoch)
+    writer.write(int(state.step), {'phase': f'{c.name}_epoch', **report})
+  return parallel.replicate(run.mesh, state.replace(components=components))
+
+
+def _search_done(phase: Phase, state: step_lib.TrainState) -> bool:
+  return phase.spec.searching and any(
+      c.search_done(jax.device_get(state.components[c.name]))
+      for c in phase.components if c.search_done is not None)
+
+
+def _log_window(writer: MetricsWriter, history: list[dict], done: int,
+                phase: Phase, steps_per_epoch: int, window_start: float,
+                window_steps: int) -> None:
+  values = {k: float(np.mean([float(m[k]) for m in history]))
+            for k in history[0]}
+  if not np.isfinite(values['loss']):
+    raise RunError(
+        f'The training loss is {values["loss"]} at step {done}. The last '
+        'good checkpoint is kept in the workdir; lower the learning rate '
+        'or check the data, then rerun with a new --workdir.')
+  rate = window_steps / max(time.time() - window_start, 1e-9)
+  eta = (phase.end - done) / max(rate, 1e-9)
+  writer.write(done, {'phase': phase.name, 'epoch': done / steps_per_epoch,
+                      **values})
+  logging.info('[%s] step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.2f steps/s  '
+               'ETA %.0f s', phase.name, done, phase.end, values['loss'],
+               values['accuracy'], values['learning_rate'], rate, eta)
+
+
+def _save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
+          progress: Progress) -> None:
+  """Checkpoints the state with the run's progress (once per step)."""
+  step = int(state.step)
+  if manager.latest_step() == step:
+    return
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave(progress.to_json())))
+
+
+def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
+              progress: Progress, manager: ocp.CheckpointManager,
+              writer: MetricsWriter) -> step_lib.TrainState:
+  """Trains from state.step to the end of `phase` (or until its search is
+  done).
+
+  Checkpoints at the configured interval, never at the last step of the
+  phase: the caller saves that one with the next phase's progress.
+  """
+  config, spe = run.config, run.steps_per_epoch
+  train_fn = make_step(run, phase)
+  start = int(state.step)
+  train_iter = data_lib.train_batches(run.dataset.train, config.batch_size,
+                                      seed=config.seed, start_step=start)
+  hpo_iter = data_lib.train_batches(run.hpo_split, run.heldout_batch_size,
+                                    seed=config.seed + 1, start_step=start)
+  if start < phase.end:
+    logging.info('%s phase: steps %d to %d (%d per epoch). Compiling the '
+                 'step, this might take some minutes...', phase.name, start,
+                 phase.end, spe)
+  window_start, window_steps, history = time.time(), 0, []
+  for step in range(start, phase.end):
+    run.compiled.add((phase.name, jax.tree.structure(state.components)))
+    batch = parallel.shard_batch(run.mesh, next(train_iter))
+    hpo_batch = parallel.shard_batch(run.mesh, next(hpo_iter))
+    state, metrics = train_fn(state, batch, hpo_batch)
+    history.append(metrics)
+    window_steps += 1
+    done = step + 1
+    if step == start:
+      jax.block_until_ready(state)
+      logging.info('First step (with compilation) took %.1f s.',
+                   time.time() - window_start)
+      window_start, window_steps = time.time(), 0
+    if done % config.log_every_steps == 0 or done == phase.end:
+      _log_window(writer, history, done, phase, spe, window_start,
+                  window_steps)
+      history, window_start, window_steps = [], time.time(), 0
+    if (done - phase.start) % spe == 0:
+      state = epoch_end(run, state, phase, (done - phase.start) // spe - 1,
+                        writer)
+      if _search_done(phase, state):
+        logging.info('The search is done at step %d.', done)
+        return state
+    if done % config.checkpoint_every_steps == 0 and done < phase.end:
+      _save(manager, state, progress)
+  return state
+
+
+# ------------------------------------------------------------ the results
 def evaluate(eval_fn, params, batch_stats, arch, split: data_lib.Split,
              batch_size: int, mesh) -> dict[str, float]:
   """Accuracy and mean loss over a whole split."""
@@ -462,194 +690,13 @@ def evaluate(eval_fn, params, batch_stats, arch, split: data_lib.Split,
           'loss': totals['loss_sum'] / count}
 
 
-def _save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
-          meta: dict[str, Any]) -> None:
-  """Checkpoints the state with the phase metadata (once per step)."""
-  step = int(state.step)
-  if manager.latest_step() == step:
-    return
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-
-def _log_window(writer: MetricsWriter, history: list[dict], done: int,
-                total_end: int, phase: Phase, steps_per_epoch: int,
-                window_start: float, window_steps: int) -> None:
-  values = {k: float(np.mean([float(m[k]) for m in history]))
-            for k in history[0]}
-  if not np.isfinite(values['loss']):
-    raise RunError(
-        f'The training loss is {values["loss"]} at step {done}. The last '
-        'good checkpoint is kept in the workdir; lower the learning rate '
-        'or check the data, then rerun with a new --workdir.')
-  rate = window_steps / max(time.time() - window_start, 1e-9)
-  eta = (total_end - done) / max(rate, 1e-9)
-  writer.write(done, {'phase': phase.name, 'epoch': done / steps_per_epoch,
-                      **values})
-  logging.info('[%s] step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.2f steps/s  '
-               'ETA %.0f s', phase.name, done, total_end, values['loss'],
-               values['accuracy'], values['learning_rate'], rate, eta)
-
-
-def _run_steps(run: Runner, manager: ocp.CheckpointManager,
-               writer: MetricsWriter, state: step_lib.TrainState, phase: Phase,
-               meta: dict[str, Any]) -> step_lib.TrainState:
-  """Trains from state.step to the end of `phase` (or until the search ends).
-
-  Checkpoints at the configured interval, never at the last step of the
-  phase: the caller saves that one with the next phase's metadata.
-  """
-  config, spe = run.config, run.steps_per_epoch
-  train_fn = run.make_step(phase)
-  start = int(state.step)
-  train_iter = data_lib.train_batches(run.dataset.train, config.batch_size,
-                                      seed=config.seed, start_step=start)
-  hpo_iter = data_lib.train_batches(run.hpo_split, run.heldout_batch_size,
-                                    seed=config.seed + 1, start_step=start)
-  if start < phase.end:
-    logging.info('%s phase: steps %d to %d (%d per epoch). Compiling the '
-                 'step, this might take some minutes...', phase.name, start,
-                 phase.end, spe)
-  window_start, window_steps, history = time.time(), 0, []
-  for step in range(start, phase.end):
-    if 'nas' in state.components:
-      run.compiled_supports.add((phase.name,
-                                 state.components['nas'].ista.support))
-    batch = parallel.shard_batch(run.mesh, next(train_iter))
-    hpo_batch = parallel.shard_batch(run.mesh, next(hpo_iter))
-    state, metrics = train_fn(state, batch, hpo_batch)
-    history.append(metrics)
-    window_steps += 1
-    done = step + 1
-    if step == start:
-      jax.block_until_ready(state)
-      logging.info('First step (with compilation) took %.1f s.',
-                   time.time() - window_start)
-      window_start, window_steps = time.time(), 0
-    if done % config.log_every_steps == 0 or done == phase.end:
-      _log_window(writer, history, done, phase.end, phase, spe, window_start,
-                  window_steps)
-      history, window_start, window_steps = [], time.time(), 0
-    search_over = False
-    if phase.name == SEARCH and (done - phase.start) % spe == 0:
-      state = run.epoch_end(state, phase, (done - phase.start) // spe - 1,
-                            writer)
-      search_over = (run.spec.search == 'one_stage' and ista.all_frozen(
-          jax.device_get(state.components['nas'].ista)))
-    if search_over:
-      logging.info('Every node is frozen at step %d: the search ends.', done)
-      return state
-    if done % config.checkpoint_every_steps == 0 and done < phase.end:
-      _save(manager, state, meta)
-  return state
-
-
-def _next_phase(run: Runner, state: step_lib.TrainState, phase: Phase,
-                meta: dict[str, Any]
-                ) -> tuple[Phase | None, step_lib.TrainState, dict[str, Any]]:
-  """After a phase: the next one, its state and checkpoint metadata."""
-  if phase.name != SEARCH:
-    return None, state, meta
-  done = int(state.step)
-  if run.spec.search == 'one_stage':
-    fixed = run.fixed_phase(state, phase, done)
-    return fixed, state, {'phase': FIXED, 'phase_start': done,
-                          'search_steps': done}
-  nas_state = jax.device_get(state.components['nas'])
-  genotype = search_space.support_to_genotype(nas_state.ista.support_dict)
-  meta = {'phase': TRAIN, 'phase_start': done, 'search_steps': done,
-          'genotype': json.loads(genotype.to_json())}
-  train_phase, new_state = run.initial(meta)
-  return train_phase, parallel.replicate(run.mesh, new_state), meta
-
-
-def restore_checkpoint(run: Runner, manager: ocp.CheckpointManager
-                       ) -> tuple[dict[str, Any], Phase, step_lib.TrainState,
-                                  int | None]:
-  """The run's latest checkpoint, or its fresh start when there is none.
-
-  Returns:
-    (checkpoint metadata, its phase, the state on the host, the checkpoint's
-    step or None).
-  """
-  meta = {'phase': SEARCH if run.spec.search else TRAIN, 'phase_start': 0,
-          'search_steps': 0}
-  latest = manager.latest_step()
-  if latest is not None:
-    meta = manager.restore(latest, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-  phase, state = run.initial(meta)
-  if latest is not None:
-    state = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state)))['state']
-    if 'nas' in state.components:
-      nas_state = state.components['nas']
-      state = state.replace(components={
-          **state.components,
-          'nas': nas_state.replace(ista=ista.sync_support(nas_state.ista))})
-  if meta['phase'] == FIXED:
-    phase = run.fixed_phase(state, phase, meta['phase_start'])
-  return meta, phase, state, latest
-
-
-def deployable_variables(run: Runner, state: step_lib.TrainState,
-                         arch: search_space.Architecture) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of `state` pruned to `arch`'s support."""
-  shapes = jax.eval_shape(lambda: init_variables(run.model, arch, run.shape,
-                                                 jax.random.key(0)))
-  return {k: network.prune_params(getattr(state, k), shapes[k])
-          for k in ('params', 'batch_stats')}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
-  """Trains and evaluates as `config` says; resumes from `workdir`.
-
-  Returns the summary (also written to workdir/summary.json). A workdir that
-  already holds a summary is not retrained: its summary is returned.
-  """
-  start_time = time.time()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(workdir, config)
-  summary_path = os.path.join(workdir, SUMMARY_FILE)
-  if os.path.exists(summary_path):
-    logging.info('%s exists: this run is finished, not retraining.',
-                 summary_path)
-    with open(summary_path) as f:
-      return json.load(f)
-  run = Runner(config, workdir)
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, CHECKPOINT_DIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           create=True))
-  meta, phase, state, latest = restore_checkpoint(run, manager)
-  if latest is not None:
-    logging.info('Resumed from the checkpoint of step %d (%s phase).', latest,
-                 meta['phase'])
-  state = parallel.replicate(run.mesh, state)
-  writer = MetricsWriter(workdir, int(state.step))
-  logging.info('Mode %s; %d parameters.', config.mode,
-               param_count(state.params))
-  while True:
-    state = _run_steps(run, manager, writer, state, phase, meta)
-    next_phase, state, meta = _next_phase(run, state, phase, meta)
-    _save(manager, state, meta)
-    if next_phase is None:
-      break
-    phase = next_phase
-  manager.wait_until_finished()
-  manager.close()
-  return _finish(run, writer, state, phase, meta, start_time)
-
-
-def _finish(run: Runner, writer: MetricsWriter, state: step_lib.TrainState,
-            phase: Phase, meta: dict[str, Any], start_time: float
-            ) -> dict[str, Any]:
+def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
+                  phase: Phase, progress: Progress, start_time: float
+                  ) -> dict[str, Any]:
   """Evaluates the final network and writes every result file."""
   config, workdir = run.config, run.workdir
   state = jax.device_get(state)
-  arch = phase.fixed_arch
+  arch = phase.arch
   eval_fn = step_lib.make_eval_step(run.mesh, model=run.model, pre=run.pre)
   repl = parallel.replicate(run.mesh, (state.params, state.batch_stats, arch))
   test = evaluate(eval_fn, *repl, run.dataset.test, config.eval_batch_size,
@@ -661,54 +708,93 @@ def _finish(run: Runner, writer: MetricsWriter, state: step_lib.TrainState,
                test['loss'])
   # The deployable network: θ pruned to the final support.
   deployed = deployable_variables(run, state, arch)
-  with open(os.path.join(workdir, DEPLOY_FILE + '.tmp'), 'wb') as f:
-    f.write(flax.serialization.to_bytes(deployed))
-  os.replace(os.path.join(workdir, DEPLOY_FILE + '.tmp'),
-             os.path.join(workdir, DEPLOY_FILE))
-  genotype = phase.genotype or search_space.support_to_genotype(
-      arch.support_dict)
-  genotype_json = json.loads(genotype.to_json())
+  write_atomic(os.path.join(workdir, DEPLOY_FILE), lambda tmp: open(
+      tmp, 'wb').write(flax.serialization.to_bytes(deployed)))
+  genotype_json = json.loads(phase.genotype.to_json())
   genotype_json['alphas'] = {c: [np.asarray(a).tolist() for a in w]
                              for c, w in arch.weights.items()}
   write_json_atomic(os.path.join(workdir, GENOTYPE_FILE), genotype_json)
   records = read_metrics(workdir)
-  if 'da' in state.components:
-    policy_json = policy.export_policy(state.components['da'].logits)
-    write_json_atomic(os.path.join(workdir, POLICY_FILE), policy_json)
-    _save_figure(plots.policy_figure(policy_json), workdir, 'policy.png')
-  _save_figure(plots.series_figure(
-      [r for r in records if r['phase'] in (SEARCH, FIXED, TRAIN)],
+  save_figure(plots.series_figure(
+      [r for r in records if r['phase'] in {p.name for p in run.phases}],
       ('learning_rate', 'weight_decay', 'loss'), 'η and the training loss'),
-               workdir, 'hparams.png')
-  nas_records = [r for r in records if r['phase'] == 'nas_epoch']
-  if nas_records:
-    for r in nas_records:
-      r['frozen_nodes'] = sum(sum(v) for v in r['frozen'].values())
-      r['support_changed'] = float(r['support_changed'])
-    _save_figure(plots.series_figure(
-        nas_records, ('frozen_nodes', 'support_changed', 'alpha_norm_normal',
-                      'alpha_norm_reduce'),
-        'architecture search (per epoch)'), workdir, 'architecture.png')
+              os.path.join(workdir, HPARAMS_PLOT))
+  exporters = {c.name: c for spec in run.phases
+               for c in run.components(spec, param_shapes=None)
+               if c.export is not None}
+  for c in exporters.values():
+    reports = [r for r in records if r['phase'] == f'{c.name}_epoch']
+    exports = c.export(state.components.get(c.name), reports)
+    for name, obj in exports.items():
+      path = os.path.join(workdir, name)
+      if name.endswith('.json'):
+        write_json_atomic(path, obj)
+      else:
+        save_figure(obj, path)
   summary = {'mode': config.mode, 'dataset': run.dataset.name,
              'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-             'train_steps': int(state.step), 'search_steps':
-                 int(meta['search_steps']),
+             'train_steps': int(state.step),
+             'search_steps': progress.search_steps,
              'wall_seconds': time.time() - start_time,
              'param_count': param_count(deployed['params']),
-             'compiled_supports': len(run.compiled_supports),
+             'compiled_supports': len(run.compiled),
              'genotype': genotype_json}
   write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of workdir/metrics.jsonl."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+# ------------------------------------------------------------------ main
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains and evaluates as `config` says; resumes from `workdir`.
 
+  Returns the summary (also written to workdir/summary.json). A workdir that
+  already holds a summary is not retrained: its summary is returned.
+  """
+  start_time = time.time()
 
-def _save_figure(fig, workdir: str, name: str) -> None:
-  path = os.path.join(workdir, name)
-  fig.savefig(path + '.tmp.png', dpi=100)
-  os.replace(path + '.tmp.png', path)
-  plots.plt.close(fig)
+  # ---------------------------------------------------- the workdir
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(workdir, config)
+  summary_path = os.path.join(workdir, SUMMARY_FILE)
+  if os.path.exists(summary_path):
+    logging.info('%s exists: this run is finished, not retraining.',
+                 summary_path)
+    with open(summary_path) as f:
+      return json.load(f)
+
+  # ---------------------------------------------------- set-up
+  run = Run.create(config, workdir)
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           create=True))
+
+  # ---------------------------------------------------- restore
+  progress, state, latest = restore_checkpoint(run, manager)
+  if latest is not None:
+    logging.info('Resumed from the checkpoint of step %d (%s phase).', latest,
+                 progress.phase)
+  writer = MetricsWriter(workdir, int(state.step))
+  logging.info('Mode %s; %d parameters.', config.mode,
+               param_count(state.params))
+
+  # ---------------------------------------------------- the phases
+  while True:
+    phase = build_phase(run, progress, state)
+    state = run_phase(run, phase, parallel.replicate(run.mesh, state),
+                      progress, manager, writer)
+    following = next_progress(run, phase, state, progress)
+    if following is not None and run.phases[
+        phase_index(run, following.phase)].fresh_state:
+      state = fresh_state(run, phase_index(run, following.phase), following)
+    progress = following or progress
+    _save(manager, parallel.replicate(run.mesh, state), progress)
+    if following is None:
+      break
+  manager.wait_until_finished()
+  manager.close()
+
+  # ---------------------------------------------------- the results
+  return write_results(run, writer, state, phase, progress, start_time)

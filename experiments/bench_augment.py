@@ -1,7 +1,7 @@
 """Throughput of JAX op pairs (`apply_ops`) against the reference's PIL loop.
 
 The reference augments on the host: per image, a PIL image goes through op1
-then op2 (dha_reference.md §A). Here the same pairs, levels and signs run
+then op2 (docs/fidelity.md, 'DA'). Here the same pairs, levels and signs run
 (a) jitted on the device batch, `apply_ops` twice, and (b) as a Pillow loop
 over the batch with the numpy <-> PIL conversions a data loader does. Images
 are CIFAR-10 test images from the zip (random pixels if it is absent),
@@ -33,7 +33,8 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-CIFAR_ZIP = '/work/shared/data/cifar10/cifar10_jpeg.zip'
+from experiments.paths import CIFAR10_ZIP
+
 CIFAR_SIZE = 32
 MAX_LEVEL = 10.
 FILL = (125, 123, 114)
@@ -186,7 +187,7 @@ def main() -> None:
                       choices=('auto', 'switch', 'select'))
   parser.add_argument('--one-core', action='store_true',
                       help='pin the process (JAX and PIL) to one CPU core')
-  parser.add_argument('--cifar-zip', default=CIFAR_ZIP)
+  parser.add_argument('--cifar-zip', default=CIFAR10_ZIP)
   args = parser.parse_args()
   if args.one_core:
     # Before JAX starts: XLA sizes its CPU thread pool from the affinity.

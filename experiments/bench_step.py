@@ -1,6 +1,6 @@
 """Step time of the full DHA step against the One-Stage ISTA (NAS-only) step.
 
-Both are the search-phase train step of `dha_jax.train.Runner` on the same
+Both are the search-phase train step of `dha_jax.train.Run` on the same
 network, batch and support: `ista_one_stage` (sparse child network, θ and b
 gradients, Adam on b) and `dha` (plus op-pair sampling and augmentation from
 τ, Eq. 2, and the HPO hypergradient, Eq. 4). The joint ablations `nas_da` and

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from configs import default as default_config
+from dha_jax import hpo
 from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
@@ -29,7 +30,7 @@ def time_train_step(config: ml_collections.ConfigDict, model: Any,
                     steps: int) -> dict[str, float]:
   """Compile seconds and the best of `steps` step seconds, on one device."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  tx = train.make_inner_optimizer(config)
+  tx = hpo.optimizer_from_config(config)
   pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
   fn = step_lib.make_train_step(
       mesh, model=model, tx=tx, components=tuple(components),
@@ -122,11 +123,10 @@ def time_search_step(mode: str, args: argparse.Namespace,
   config.hpo.mode = hpo_mode
   config.heldout_batch_size = hpo_batch
   config.nas.max_iters = 2000
-  run = train.Runner(config, workdir='')
+  run = train.Run.create(config, workdir='')
   run.mesh = parallel.make_mesh(jax.devices()[:1])
-  phase, state = run.initial({'phase': train.SEARCH, 'phase_start': 0,
-                              'search_steps': 0})
-  fn = run.make_step(phase)
+  phase, state = train.first_phase(run)
+  fn = train.make_step(run, phase)
   batch = parallel.shard_batch(run.mesh,
                                random_batch(args.batch, args.size))
   heldout = parallel.shard_batch(run.mesh, random_batch(

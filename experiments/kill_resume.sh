@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kills a run with SIGKILL after its step-80 checkpoint, resumes it, and
-# compares it with an uninterrupted run of the same config (issue 2).
+# compares it with an uninterrupted run of the same config.
 # Usage: bash experiments/kill_resume.sh   (from the repository root)
 set -u
 F="--config=configs/default.py --config.mode=train --config.num_train_steps=160 --config.checkpoint_every_steps=40 --config.log_every_steps=20"

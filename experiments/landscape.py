@@ -25,9 +25,9 @@ workdirs, comma-separated):
     --span 1.0 --examples 256
 
 A run is restored as `dha_jax.train.train_and_evaluate` resumes one
-(`train.restore_checkpoint` on the workdir's config.json) and pruned as it
-was deployed (`train.deployable_variables`). The run must be finished
-(summary.json present).
+(`train.restore_checkpoint` and `train.build_phase` on the workdir's
+config.json) and pruned as it was deployed (`train.deployable_variables`).
+The run must be finished (summary.json present).
 
 Cost: grid² forward passes of `--examples` images. Measured on this 2-core
 CPU (shared with other work) for a `dha` run at the reproduce budget (C = 8,
@@ -159,7 +159,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       _tuples(train.read_config_json(path, defaults)))
 
 
-def load_final(workdir: str) -> tuple[train.Runner, dict, Any]:
+def load_final(workdir: str) -> tuple[train.Run, dict, Any]:
   """A finished run's runner, pruned final variables and final architecture.
 
   Returns:
@@ -173,18 +173,18 @@ def load_final(workdir: str) -> tuple[train.Runner, dict, Any]:
   if not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE)):
     raise train.RunError(f'{workdir} holds no finished run (no '
                          f'{train.SUMMARY_FILE}); finish it first.')
-  runner = train.Runner(load_config(workdir), workdir)
+  runner = train.Run.create(load_config(workdir), workdir)
   manager = ocp.CheckpointManager(
       os.path.join(workdir, train.CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-  _, phase, state, _ = train.restore_checkpoint(runner, manager)
+  progress, state, _ = train.restore_checkpoint(runner, manager)
   manager.close()
-  arch = phase.fixed_arch
+  arch = train.build_phase(runner, progress, state).arch
   variables = train.deployable_variables(runner, state, arch)
   return runner, variables, arch
 
 
-def fixed_batch(runner: train.Runner, split_name: str, examples: int,
+def fixed_batch(runner: train.Run, split_name: str, examples: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
   """`examples` images and labels of a split, chosen by `seed`."""
   split = {'train': runner.dataset.train, 'test': runner.dataset.test}[

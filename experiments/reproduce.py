@@ -92,13 +92,11 @@ from typing import Any, Sequence
 
 from dha_jax import plots
 from dha_jax import train
+from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT, WORKDIRS
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS_DIR = os.path.join(REPO_ROOT, 'experiments')
 BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'cifar10_cell.py')
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data',
-                            'cifar10', 'cifar10_jpeg.zip')
-DEFAULT_OUT = '/tmp/dha_reproduce'
+DEFAULT_DATA = CIFAR10_ZIP
+DEFAULT_OUT = os.path.join(WORKDIRS, 'reproduce')
 
 MODES = ('ista_one_stage', 'nas_da', 'nas_hpo', 'sequential_dha', 'dha')
 PAPER_NAMES = {'ista_one_stage': 'One-Stage ISTA', 'nas_da': 'Joint NAS+DA',
@@ -149,7 +147,7 @@ def config_overrides(budget: Budget, data: str, mode: str, seed: int,
   Args:
     budget: the shared budget.
     data: path of the CIFAR-10 image-folder zip (or directory).
-    mode: one of `dha_jax.train.MODES`.
+    mode: one of `dha_jax.modes.MODES`.
     seed: the run's seed.
     extra: more 'field=value' overrides (`--set`), applied last.
 
@@ -428,9 +426,7 @@ def plot(records: Sequence[dict[str, Any]], modes: Sequence[str],
   ax.set_ylabel('test accuracy (%)')
   ax.set_title('CIFAR-10 at CPU scale: mean ± sd (o), seeds (x)')
   fig.tight_layout()
-  fig.savefig(path + '.tmp.png', dpi=100)
-  os.replace(path + '.tmp.png', path)
-  plots.plt.close(fig)
+  train.save_figure(fig, path)
 
 
 def write_reports(records: Sequence[dict[str, Any]],
@@ -443,9 +439,7 @@ def write_reports(records: Sequence[dict[str, Any]],
     with open(md_path) as f:
       text = f.read()
   text = replace_section(text, report_body(records, args, budget))
-  with open(md_path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(md_path + '.tmp', md_path)
+  train.write_text_atomic(md_path, text)
   train.write_json_atomic(os.path.join(args.report_dir, RESULTS_JSON), {
       'command': ['python', '-m', 'experiments.reproduce', *args.argv],
       'date': datetime.datetime.now().isoformat(timespec='seconds'),

@@ -3,7 +3,8 @@
 The Pillow side transcribes the reference's `data/auto_augment.py`
 (level -> parameter, op calls), so these tests check both the PIL semantics
 and the magnitude mapping. CIFAR-10 JPEGs are read from the zip named by
-$DHA_CIFAR10_ZIP (default: the shared copy); the tests skip without it.
+`experiments.paths.CIFAR10_ZIP` (beside the repository, or $DHA_CIFAR10_ZIP);
+the tests skip without it.
 """
 
 import io
@@ -17,9 +18,8 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from dha_jax.augment import ops
+from experiments.paths import CIFAR10_ZIP as CIFAR_ZIP
 
-CIFAR_ZIP = os.environ.get('DHA_CIFAR10_ZIP',
-                           '/work/shared/data/cifar10/cifar10_jpeg.zip')
 CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                  'frog', 'horse', 'ship', 'truck')
 # Fill colour of the affine ops: CIFAR-10's mean x 255, as the reference.

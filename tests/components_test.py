@@ -46,9 +46,8 @@ def test_component_draws_depend_on_its_name_alone():
   # ista_one_stage, nas_da and dha search from the same start.
   codes = {}
   for mode in ('ista_one_stage', 'dha'):
-    run = train.Runner(tiny.tiny_config(mode), workdir='')
-    _, state = run.initial({'phase': train.SEARCH, 'phase_start': 0,
-                            'search_steps': 0})
+    run = train.Run.create(tiny.tiny_config(mode), workdir='')
+    _, state = train.first_phase(run)
     codes[mode] = state.components['nas']
   chex.assert_trees_all_equal(codes['ista_one_stage'], codes['dha'])
   assert (codes['ista_one_stage'].ista.support

@@ -11,9 +11,8 @@ import tensorflow_datasets as tfds
 
 from configs import default as default_config
 from dha_jax import data
+from experiments.paths import CIFAR10_ZIP
 
-CIFAR10_ZIP = os.path.join(os.path.dirname(os.path.dirname(__file__)), '..',
-                           'shared', 'data', 'cifar10', 'cifar10_jpeg.zip')
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                    'frog', 'horse', 'ship', 'truck')
 # Image folder fixture: class -> a colour that survives resizing exactly.

@@ -1,4 +1,4 @@
-"""Tests of the HPO component (dha_jax/hpo.py): Eq. 3-4 hypergradients."""
+"""Tests of HPO (dha_jax/hpo/): the inner step and Eq. 3-4 hypergradients."""
 
 import functools
 
@@ -75,8 +75,9 @@ def test_hypergradient_matches_finite_differences(momentum, nesterov,
     loss_fn = lambda p: (hpo_loss(p), None)
 
     new_params, _, hypergrad, loss, _ = jax.jit(
-        lambda *args: hpo.exact_hypergradient(tx, loss_fn, *args, config))(
-            params, grads, opt_state, state)
+        lambda *args: hpo.exact_hypergradient(
+            functools.partial(hpo.inner_step, tx, *args[:3]), loss_fn,
+            args[3], config))(params, grads, opt_state, state)
 
     @jax.jit
     def one_step_loss(raw):
@@ -95,8 +96,9 @@ def test_hypergradient_matches_finite_differences(momentum, nesterov,
                                  err_msg=name)
 
     # The online path's tangents give the same number from ∇L(θ⁺).
-    _, _, tangents = hpo.online_tangents(tx, params, grads, opt_state, state,
-                                         config)
+    _, _, tangents = hpo.online_tangents(
+        functools.partial(hpo.inner_step, tx, params, grads, opt_state),
+        state, config)
     online = hpo.online_hypergradient(
         state.replace(tangents=tangents), jax.grad(hpo_loss)(new_params))
     for name in hpo.HPARAM_NAMES:

@@ -1,4 +1,4 @@
-"""Every mode of the paper's tables, end to end from the CLI (issue 6), and
+"""Every mode of the paper's tables, end to end from the CLI, and
 the full DHA step on 2 devices against 1."""
 
 import json
@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from dha_jax import modes
 from dha_jax import parallel
 from dha_jax import train
 from tests import tiny
@@ -18,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mode', sorted(train.MODES))
+@pytest.mark.parametrize('mode', sorted(modes.MODES))
 def test_mode_runs_from_the_cli(mode, tmp_path):
   workdir = str(tmp_path / mode)
   # DHA forwards a held-out batch half the size of the training batch.
@@ -31,7 +32,7 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
-  spec = train.MODES[mode]
+  spec = modes.MODES[mode]
   assert summary['mode'] == mode
   assert 0.0 <= summary['test_accuracy'] <= 1.0
   assert summary['param_count'] > 0
@@ -67,9 +68,8 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
 def test_dha_step_two_devices_match_one():
   """θ, b, τ and η after two DHA steps: 2 devices vs 1 (same global batch)."""
   assert jax.device_count() >= 2
-  run = train.Runner(tiny.tiny_config('dha'), workdir='')
-  phase, state0 = run.initial({'phase': train.SEARCH, 'phase_start': 0,
-                               'search_steps': 0})
+  run = train.Run.create(tiny.tiny_config('dha'), workdir='')
+  phase, state0 = train.first_phase(run)
   state0 = jax.device_get(state0)  # host copy: each run donates its own
   rng = np.random.default_rng(0)
   batch = (rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
@@ -79,7 +79,7 @@ def test_dha_step_two_devices_match_one():
   finals = []
   for devices in (jax.devices()[:1], jax.devices()[:2]):
     run.mesh = parallel.make_mesh(devices)
-    fn = run.make_step(phase)
+    fn = train.make_step(run, phase)
     state = parallel.replicate(run.mesh, state0)
     for _ in range(2):
       state, _ = fn(state, parallel.shard_batch(run.mesh, batch),

@@ -69,7 +69,7 @@ def test_output_shapes_and_aux_only_in_training(tiny):
 
 def test_sparse_child_equals_dense_with_zero_alpha(tiny):
   """Only supported ops run, and that equals the dense all-ops sum with α=0
-  off the support (issue 5)."""
+  off the support."""
   model, dense, variables, x = tiny
   support = ss.genotype_to_support(ss.DARTS_V2)
   rng = np.random.default_rng(0)

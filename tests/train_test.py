@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dha_jax import data
+from dha_jax import hpo
 from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
@@ -39,7 +40,7 @@ def test_two_devices_give_the_one_device_result():
   config = tiny_config()
   model = train.create_model(config, 10)
   arch = ss.genotype_architecture(ss.DARTS_V2)
-  tx = train.make_inner_optimizer(config)
+  tx = hpo.optimizer_from_config(config)
   variables = jax.device_get(train.init_variables(
       model, arch, (1, 8, 8, 3), jax.random.key(0)))
   rng = np.random.default_rng(0)
@@ -148,10 +149,10 @@ def test_workdir_from_before_a_new_config_field_resumes(tmp_path):
 
 def test_heldout_batch_size_sets_the_hpo_batch():
   exact = {'hpo.mode': 'exact'}
-  run = train.Runner(tiny.tiny_config('dha', exact), workdir='')
+  run = train.Run.create(tiny.tiny_config('dha', exact), workdir='')
   assert run.heldout_batch_size == run.config.batch_size == 8
   assert run.hpo_split is run.dataset.hpo
-  run = train.Runner(tiny.tiny_config('dha', {**exact,
+  run = train.Run.create(tiny.tiny_config('dha', {**exact,
                                              'heldout_batch_size': 4}), '')
   assert run.heldout_batch_size == 4
   images, labels = next(data.train_batches(run.hpo_split,

@@ -1,7 +1,7 @@
 """Base augmentation and preprocessing: crops, flips, normalisation, Cutout.
 
 Pure JAX over batches [N, H, W, C], one PRNG key per call, per-example
-randomness. The order the train step uses (DESIGN.md §1):
+randomness. The order the train step uses (docs/design.md, 'Data flow'):
 
   train: [pad-and-crop ('cifar') | random-resized crop ('imagenet')] -> flip
          -> op pair of the policy (uint8, `dha_jax.augment.augment_pairs`)
@@ -12,7 +12,8 @@ randomness. The order the train step uses (DESIGN.md §1):
 everything after it; `eval_preprocess` is the evaluation (and HPO-batch)
 path. Cutout is applied to training images only: the reference appends it to
 a transform object it shares with the validation and test sets, so its test
-images are cut out too (dha_reference.md §A, aliasing bug); we do not.
+images are cut out too (docs/fidelity.md, 'Known bugs of the official code');
+we do not.
 
 The reference's DA pipeline for CIFAR has no pad-and-crop (flip, op pair,
 normalize, Cutout); its non-DA baselines use RandomCrop(32, padding=4).

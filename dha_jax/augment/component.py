@@ -9,7 +9,7 @@ one SGD step on the importance-weighted loss
 
 which raises the probability of pairs that produce a high training loss
 (hard but useful augmentations). τ is pushed to the sampler at every step
-(the reference effectively does it once per epoch, dha_reference.md §A).
+(the reference effectively does it once per epoch, docs/fidelity.md, 'DA').
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import optax
 
+from dha_jax import plots
 from dha_jax.augment import ops
 from dha_jax.augment import policy
 from dha_jax.components import Component, StepContext
@@ -90,4 +91,11 @@ def make_component(config: ml_collections.ConfigDict,
     return (DAState(logits=logits, opt_state=opt_state),
             {'policy_loss': loss, 'entropy': policy.policy_entropy(logits)})
 
-  return Component(name=name, init=init, augment=augment, update=update)
+  def export(state: DAState | None, reports: list[dict]) -> dict[str, Any]:
+    del reports  # τ's final value is what a user reads
+    policy_json = policy.export_policy(state.logits)
+    return {'policy.json': policy_json,
+            'policy.png': plots.policy_figure(policy_json)}
+
+  return Component(name=name, init=init, augment=augment, update=update,
+                   export=export)

@@ -1,6 +1,6 @@
 """The 14 AutoAugment operations of DHA's DA search space, in JAX, PIL-exact.
 
-DHA (dha_reference.md §A) augments with ordered pairs of these ops, in this
+DHA (docs/fidelity.md, 'DA') augments with ordered pairs of these ops, in this
 order (the reference's `aug_choice=14` list):
 
   0 AutoContrast  1 Equalize  2 Rotate  3 Posterize  4 Solarize  5 Color

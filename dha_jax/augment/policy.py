@@ -1,7 +1,7 @@
 """The augmentation policy τ: a distribution over ordered op pairs (Eq. 2).
 
 τ is a [K, K] array of logits; p(τ) = softmax(vec τ) over all K² entries is
-the probability of applying op i then op j (dha_reference.md §A, reference
+the probability of applying op i then op j (docs/fidelity.md, 'DA', reference
 `model/hpo_da.py`). Each train step:
 
 1. draws Gumbel noise G [K, K] once and forms the perturbed sampling

@@ -7,7 +7,7 @@ weight decay, as the reference) on either
 * the training loss, one-level, from the same backward pass as θ
   (`code_loss='train'`: one-stage ISTA-NAS and DHA), or
 * the held-out HPO batch (`code_loss='heldout'`: the two-stage ISTA search,
-  first-order alternating, dha_reference.md §C).
+  first-order alternating, docs/fidelity.md, 'NAS').
 
 Frozen nodes keep their b exactly (their Adam updates are zeroed). Per epoch
 (`epoch_end`, host side) x̂ is recovered by FISTA, nodes freeze and the
@@ -17,6 +17,7 @@ the candidate support would give; a new support retraces the jitted step once.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import flax.struct
@@ -25,11 +26,16 @@ import ml_collections
 import numpy as np
 import optax
 
+from dha_jax import plots
 from dha_jax.components import Component, StepContext
 from dha_jax.nas import ista
 from dha_jax.nas import search_space
 
 BYTES_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
+CODE_LOSSES = ('train', 'heldout')
+# Curves of architecture.png, from the per-epoch reports.
+PLOTTED_REPORT_KEYS = ('frozen_nodes', 'support_changed', 'alpha_norm_normal',
+                       'alpha_norm_reduce')
 
 
 @flax.struct.dataclass
@@ -74,6 +80,16 @@ def ista_config(config: ml_collections.ConfigDict) -> ista.IstaConfig:
       max_iters=config.max_iters)
 
 
+def two_stage_config(config: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """The two-stage ISTA search: b learns on the held-out batch and nodes
+  never freeze (the search runs its whole budget)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.code_loss = 'heldout'
+  config.dist_limit = -1.0
+  return config
+
+
 def code_optimizer(config: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
   """Adam with L2 weight decay added to the gradient (torch's Adam)."""
@@ -95,8 +111,8 @@ def make_component(config: ml_collections.ConfigDict,
       `config.param_limit_mb > 0`.
     name: component name (metrics prefix).
   """
-  if config.code_loss not in ('train', 'heldout'):
-    raise ValueError(f"nas.code_loss must be 'train' or 'heldout', got "
+  if config.code_loss not in CODE_LOSSES:
+    raise ValueError(f'nas.code_loss must be one of {CODE_LOSSES}, got '
                      f'{config.code_loss!r}')
   limit = config.param_limit_mb if config.param_limit_mb > 0 else None
   if limit is not None and param_count_fn is None:
@@ -129,12 +145,27 @@ def make_component(config: ml_collections.ConfigDict,
     for cell, alphas in arch.weights.items():
       report[f'alpha_norm_{cell}'] = float(np.sqrt(sum(
           np.sum(np.square(a)) for a in alphas)))
+    report['frozen_nodes'] = int(sum(sum(f) for f in report['frozen'].values()))
+    report['candidate_support'] = json.loads(search_space.support_to_genotype(
+        report['candidate_support']).to_json())
     return state.replace(ista=new_ista), report
+
+  def export(state: NASState | None, reports: list[dict]) -> dict[str, Any]:
+    del state  # the searched genotype is the run's, written by the loop
+    curves = [{**r, 'support_changed': float(r['support_changed'])}
+              for r in reports]
+    return {'architecture.png': plots.series_figure(
+        curves, PLOTTED_REPORT_KEYS, 'architecture search (per epoch)')}
 
   return Component(
       name=name, init=init, trainable=lambda s: s.ista.b,
       architecture=lambda s, b: ista.architecture_from_codes(s.ista, b),
-      update=update, epoch_end=epoch_end)
+      update=update, epoch_end=epoch_end,
+      uses_heldout=config.code_loss == 'heldout',
+      search_done=lambda s: ista.all_frozen(s.ista),
+      fixed_architecture=final_architecture,
+      restore=lambda s: s.replace(ista=ista.sync_support(s.ista)),
+      export=export)
 
 
 def final_architecture(state: NASState) -> search_space.Architecture:

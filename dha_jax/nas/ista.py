@@ -1,6 +1,6 @@
 """One-stage ISTA-NAS: sparse codes, recovery (Eq. 5-6), projection (Eq. 7).
 
-ISTA-NAS (Yang et al., 2020) as used by DHA (dha_reference.md §C). Per cell
+ISTA-NAS (Yang et al., 2020) as used by DHA (docs/fidelity.md, 'NAS'). Per cell
 type and intermediate node i there is one compressed-sensing problem: the
 node's architecture vector x_i ∈ R^{n_i}, n_i = |ops|·(i + 2), laid out
 edge-major (`x_i.reshape(i + 2, |ops|)[edge, op]`), is encoded by a fixed
@@ -21,7 +21,8 @@ Once per epoch (`recover`, host side) x̂ is recovered for the nodes still
 searching, a node whose x̂ moved by at most `dist_limit` freezes, and the new
 support (top-2 edges per node) must satisfy the resource constraint (Eq. 1).
 
-Deviations from the reference code (dha_reference.md §C, §F):
+Deviations from the reference code (docs/fidelity.md, 'NAS' and 'Known bugs
+of the official code'):
 * Recovery solves Eq. 5 by FISTA in JAX (default) instead of sklearn's
   coordinate-descent `Lasso`, and without the free intercept the reference
   fits (`fit_intercept=True`); λ = m·1e-5 is the reference's `alpha=1e-5` in
@@ -56,7 +57,7 @@ from dha_jax.nas import search_space
 from dha_jax.nas.search_space import (CELL_TYPES, NUM_NODES, Architecture,
                                       CellSupport, NodeSupport)
 
-# ISTA-NAS defaults (dha_reference.md §C-D).
+# ISTA-NAS defaults (docs/fidelity.md, 'NAS').
 DEFAULT_PROJ_DIMS = 7
 DEFAULT_B_INIT_SCALE = 1e-3
 DEFAULT_K_EDGES = 2

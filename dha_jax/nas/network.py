@@ -19,7 +19,8 @@ separable convs are two stacked depthwise-separable blocks, dilated convs use
 dilation 2, pools have no parameters, a strided skip is FactorizedReduce.
 BatchNorm is affine everywhere (the ISTA-NAS search net keeps the MixedOp BN
 affine frozen at (1, 0) until the node freezes; here it trains throughout, which
-is also what the reference's HPO/DHA modes end up doing, dha_reference.md §B).
+is also what the reference's HPO/DHA modes end up doing, docs/fidelity.md,
+'Network and training').
 """
 
 from __future__ import annotations

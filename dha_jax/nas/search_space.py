@@ -17,7 +17,6 @@ per node on two distinct edges.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import NamedTuple, Sequence
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # The 7 ISTA-NAS candidate operations, in the reference order
-# (dha_reference.md §C). `none` is prepended when `include_none` is set.
+# (docs/fidelity.md, 'NAS'). `none` is prepended when `include_none` is set.
 ISTA_PRIMITIVES: tuple[str, ...] = (
     'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
     'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
@@ -188,13 +187,3 @@ def make_architecture(support: dict[str, CellSupport],
 def genotype_architecture(genotype: Genotype) -> Architecture:
   """The fixed-architecture network of a genotype: α = 1 on its pairs."""
   return make_architecture(genotype_to_support(genotype))
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSpace:
-  """Static description of the cell search space used by a run."""
-  ops: tuple[str, ...] = ISTA_PRIMITIVES
-
-  def node_size(self, node: int) -> int:
-    """n_i = |ops| · (i + 2): the length of node i's α / x vector."""
-    return len(self.ops) * num_edges(node)

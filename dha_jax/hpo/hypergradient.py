@@ -1,31 +1,27 @@
-"""Online hyper-parameter optimisation of η = {learning rate, weight decay}.
+"""The hypergradient of η = {learning rate, weight decay} (Eq. 4).
 
 DHA (Zhou et al., §3.2) tunes θ's learning rate and weight decay while the
-network trains. One optimizer step, seen as a function of η, is
-
-  θ⁺(η) = OP(θ, η, ∇θ L_train(θ))                                    # Eq. 3
-
-and η moves down the gradient of a loss measured at θ⁺:
+network trains. With θ⁺(η) one real optax step of θ (Eq. 3,
+`dha_jax.hpo.inner.inner_step`), η moves down the gradient of a loss
+measured at θ⁺:
 
   η ← η − β ∇η L(θ⁺(η))                                              # Eq. 4
 
 Only this one step is differentiated: θ and the momentum buffer are taken as
-independent of η (the paper and the reference code both do so).
-
-**The inner optimizer** (`make_inner_optimizer`) is an ordinary
-`optax.inject_hyperparams` transformation: global-norm clipping → d = g + wd·θ
-→ SGD momentum (optionally Nesterov) → scale by −lr. The hypergradient is
-autodiff through one real `tx.update` + `optax.apply_updates` with the
-injected hyper-parameters replaced (purely, via `_replace`); there is no
-hand-derived formula. (For the record, the plain-momentum case reproduces the
-reference's ∂L/∂lr = −⟨∇L(θ⁺), buf⟩ and ∂L/∂wd = −lr·⟨∇L(θ⁺), θ⟩.)
+independent of η (the paper and the reference code both do so). The
+hypergradient is autodiff through the update function the caller passes
+(`update_fn: hparams -> (θ⁺, aux)`); there is no hand-derived formula. (For
+the record, the plain-momentum case reproduces the reference's
+∂L/∂lr = −⟨∇L(θ⁺), buf⟩ and ∂L/∂wd = −lr·⟨∇L(θ⁺), θ⟩.) The train step passes
+its own `inner_step` (`dha_jax.components.StepContext.inner_update`), so the
+component and `hpo_step` run the same `exact_hypergradient`.
 
 **Parameterisation.** η is held as raw values, `log` (default) or `linear`,
 each clipped to its bounds after every update. In log space a step changes η
 by a relative amount and η can never turn negative; `linear` reproduces the
-reference (dha_reference.md §B), which clips linear values. The initial value
-is the midpoint of the bounds (geometric in log space, arithmetic in linear
-space, the reference's choice) unless `init_lr` / `init_wd` are given.
+reference (docs/fidelity.md, 'HPO'), which clips linear values. The initial
+value is the midpoint of the bounds (geometric in log space, arithmetic in
+linear space, the reference's choice) unless `init_lr` / `init_wd` are given.
 
 **The η optimizer** (β = `meta_lr`) is an optax transformation; the default is
 Adam on log η. ∂L/∂log lr = lr·∂L/∂lr is proportional to ⟨∇L_hpo, update⟩,
@@ -61,12 +57,17 @@ accumulates (masking, no Python control flow, so it jits).
 In both modes the η used for θ_{t+1} is the one before this step's η update.
 
 **Guards.** A hypergradient with a NaN or inf entry leaves η and the η
-optimizer's state unchanged and increments `nonfinite_count`.
+optimizer's state unchanged and increments `nonfinite_count`. The window and
+the guard are written here rather than composed from `optax.MultiSteps` and
+`optax.apply_if_finite`: inside `MultiSteps` a NaN would enter the window's
+mean, and around it the window would count only finite calls, so η would no
+longer move on every `update_every`-th step. The clipping to the bounds is
+`optax.projections.projection_box`.
 
 Everything the component learns lives in `HPOState` (a PyTree, checkpointed
 with the rest); the configuration (`default_config`) is static.
 
-Departures from the reference code (dha_reference.md §B):
+Departures from the reference code (docs/fidelity.md, 'HPO'):
 * log parameterisation and Adam are the defaults (the reference: linear, SGD);
   `parameterization='linear', meta_optimizer='sgd'` restores its behaviour.
 * the reference applies SGD's own weight decay (`h_weight_decay`) to η; that
@@ -77,6 +78,7 @@ Departures from the reference code (dha_reference.md §B):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -87,17 +89,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dha_jax.components import Component, StepContext
+from dha_jax.hpo.inner import HPARAM_DTYPE, HPARAM_NAMES, inner_step
 
 PyTree = Any
 HParams = dict[str, jax.Array]
+# hparams -> (θ⁺, aux): one optimizer step of θ as a function of η (Eq. 3).
+UpdateFn = Callable[[HParams], tuple[PyTree, Any]]
 # Loss at θ⁺ on the HPO batch: params -> (scalar loss, aux such as BN stats).
 LossFn = Callable[[PyTree], tuple[jax.Array, Any]]
 
-# The injected hyper-parameters, in this order everywhere.
-HPARAM_NAMES = ('learning_rate', 'weight_decay')
-# η's dtype; optax would otherwise cast it to the parameters' (e.g. bf16).
-HPARAM_DTYPE = jnp.float32
 PARAMETERIZATIONS = ('log', 'linear')
 MODES = ('exact', 'online')
 META_OPTIMIZERS = ('sgd', 'adam')
@@ -139,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the bad field and the fix."""
   if config.parameterization not in PARAMETERIZATIONS:
     raise ValueError(f'hpo.parameterization must be one of '
@@ -198,50 +198,10 @@ def to_hparams(raw: HParams, config: ml_collections.ConfigDict) -> HParams:
   return {name: raw[name] for name in HPARAM_NAMES}
 
 
-def make_inner_optimizer(*, momentum: float, nesterov: bool,
-                         grad_clip: float | None,
-                         learning_rate: float = 0.0,
-                         weight_decay: float = 0.0,
-                         hyperparam_dtype: Any = HPARAM_DTYPE,
-                         ) -> optax.GradientTransformation:
-  """θ's optimizer with injectable `learning_rate` and `weight_decay` (Eq. 3).
-
-  Global-norm clipping of g → d = g + weight_decay·θ (the reference's order:
-  decay after clipping, before momentum) → buf = momentum·buf + d (Nesterov:
-  d + momentum·buf) → −learning_rate·buf.
-
-  Args:
-    momentum: SGD momentum μ (0 = none, and no buffer is kept).
-    nesterov: Nesterov momentum.
-    grad_clip: global-norm clipping threshold (None or <= 0: no clipping).
-    learning_rate: initial value stored in the optimizer state; callers
-      override it at every step (`inner_step`).
-    weight_decay: likewise.
-    hyperparam_dtype: dtype of the injected hyper-parameters (float32 keeps
-      η exact under bf16 parameters; float64 for x64 tests).
-
-  Returns:
-    An `optax.inject_hyperparams` transformation; its state's `hyperparams`
-    holds 'learning_rate' and 'weight_decay'.
-  """
-  def factory(learning_rate, weight_decay):
-    parts = []
-    if grad_clip is not None and grad_clip > 0:
-      parts.append(optax.clip_by_global_norm(grad_clip))
-    parts.append(optax.add_decayed_weights(weight_decay))
-    if momentum > 0:
-      parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
-
-  return optax.inject_hyperparams(factory, hyperparam_dtype=hyperparam_dtype)(
-      learning_rate=learning_rate, weight_decay=weight_decay)
-
-
 def make_meta_optimizer(config: ml_collections.ConfigDict
                         ) -> optax.GradientTransformation:
   """The optimizer of raw η with learning rate β = `config.meta_lr`."""
-  _check_config(config)
+  check_config(config)
   if config.meta_optimizer == 'adam':
     return optax.adam(config.meta_lr)
   momentum = float(config.meta_momentum)
@@ -284,7 +244,7 @@ def init_hpo(config: ml_collections.ConfigDict, params: PyTree | None = None,
   Returns:
     The HPOState.
   """
-  _check_config(config)
+  check_config(config)
   raw = _initial_raw(config, dtype)
   tangents = None
   if config.mode == 'online':
@@ -322,104 +282,54 @@ def current_hparams(state: HPOState, config: ml_collections.ConfigDict
   return to_hparams(state.raw, config)
 
 
-def inner_step(tx: optax.GradientTransformation, params: PyTree,
-               grads: PyTree, opt_state: optax.OptState, hparams: HParams
-               ) -> tuple[PyTree, optax.OptState]:
-  """One real optax update of θ with η injected: θ⁺ = OP(θ, η, g) (Eq. 3).
-
-  Args:
-    tx: an `optax.inject_hyperparams` optimizer (`make_inner_optimizer`).
-    params: θ.
-    grads: ∂L_train/∂θ, shaped like θ (unclipped: clipping is in `tx`).
-    opt_state: `tx`'s state; it is not modified.
-    hparams: values replacing the injected hyper-parameters of the same name.
-
-  Returns:
-    (θ⁺, the optimizer state after the update).
-  """
-  hyperparams = getattr(opt_state, 'hyperparams', None)
-  if not isinstance(hyperparams, dict):
-    raise TypeError('opt_state has no injected hyper-parameters: build the '
-                    'optimizer with optax.inject_hyperparams '
-                    '(make_inner_optimizer)')
-  unknown = set(hparams) - set(hyperparams)
-  if unknown:
-    raise KeyError(f'{sorted(unknown)} are not hyper-parameters of this '
-                   f'optimizer (it has {sorted(hyperparams)})')
-  chex.assert_trees_all_equal_shapes(params, grads)
-  opt_state = opt_state._replace(hyperparams={**hyperparams, **hparams})
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), new_opt_state
-
-
-def _exact(update_fn: Callable[[HParams], tuple[PyTree, Any]],
-           loss_fn: LossFn, raw: HParams, config: ml_collections.ConfigDict):
-  """∂ loss_fn(θ⁺(η)) / ∂ raw η, with θ⁺(η), its aux and the loss."""
-  def outer(r):
-    new_params, update_aux = update_fn(to_hparams(r, config))
-    loss, aux = loss_fn(new_params)
-    return loss, (new_params, update_aux, aux)
-
-  (loss, (new_params, update_aux, aux)), hypergrad = jax.value_and_grad(
-      outer, has_aux=True)(raw)
-  return new_params, update_aux, hypergrad, loss, aux
-
-
-def exact_hypergradient(tx: optax.GradientTransformation, loss_fn: LossFn,
-                        params: PyTree, grads: PyTree,
-                        opt_state: optax.OptState, state: HPOState,
-                        config: ml_collections.ConfigDict,
-                        ) -> tuple[PyTree, optax.OptState, HParams, jax.Array,
-                                   Any]:
+def exact_hypergradient(update_fn: UpdateFn, loss_fn: LossFn,
+                        state: HPOState, config: ml_collections.ConfigDict,
+                        ) -> tuple[PyTree, Any, HParams, jax.Array, Any]:
   """θ⁺ and the hypergradient of Eq. 4 through one real optax update.
 
   Args:
-    tx: θ's optimizer (`make_inner_optimizer`).
+    update_fn: hparams -> (θ⁺, aux): θ's update with η injected, e.g.
+      `functools.partial(inner_step, tx, params, grads, opt_state)` (θ_t,
+      ∂L_train(θ_t)/∂θ and the optimizer state held constant) or the train
+      step's `StepContext.inner_update`.
     loss_fn: θ -> (mean loss on the HPO batch, aux); aux may carry updated
       BatchNorm statistics and is returned as it is.
-    params: θ_t.
-    grads: ∂L_train(θ_t)/∂θ, held constant (θ_t is independent of η).
-    opt_state: `tx`'s state at t.
     state: the HPO state (its η is injected).
     config: the HPO config.
 
   Returns:
-    (θ⁺, tx's new state, ∂L_hpo(θ⁺)/∂ raw η as {name: scalar},
-    L_hpo(θ⁺), aux).
+    (θ⁺, update_fn's aux (e.g. tx's new state), ∂L_hpo(θ⁺)/∂ raw η as
+    {name: scalar}, L_hpo(θ⁺), loss_fn's aux).
   """
-  new_params, new_opt_state, hypergrad, loss, aux = _exact(
-      lambda hp: inner_step(tx, params, grads, opt_state, hp), loss_fn,
-      state.raw, config)
-  return new_params, new_opt_state, hypergrad, loss, aux
+  def outer(raw):
+    new_params, update_aux = update_fn(to_hparams(raw, config))
+    loss, aux = loss_fn(new_params)
+    return loss, (new_params, update_aux, aux)
+
+  (loss, (new_params, update_aux, aux)), hypergrad = jax.value_and_grad(
+      outer, has_aux=True)(state.raw)
+  return new_params, update_aux, hypergrad, loss, aux
 
 
-def _tangents(update_fn: Callable[[HParams], tuple[PyTree, Any]],
-              raw: HParams, config: ml_collections.ConfigDict):
-  """θ⁺(η), its aux and {name: dθ⁺/d raw η[name]} by one `jax.linearize`."""
-  new_params, jvp, update_aux = jax.linearize(
-      lambda r: update_fn(to_hparams(r, config)), raw, has_aux=True)
-  basis = {name: {n: (jnp.ones_like if n == name else jnp.zeros_like)(v)
-                  for n, v in raw.items()} for name in HPARAM_NAMES}
-  return new_params, update_aux, {name: jvp(basis[name])
-                                  for name in HPARAM_NAMES}
-
-
-def online_tangents(tx: optax.GradientTransformation, params: PyTree,
-                    grads: PyTree, opt_state: optax.OptState, state: HPOState,
+def online_tangents(update_fn: UpdateFn, state: HPOState,
                     config: ml_collections.ConfigDict,
-                    ) -> tuple[PyTree, optax.OptState, dict[str, PyTree]]:
-  """θ⁺ and its tangents w.r.t. raw η through the same real optax update.
+                    ) -> tuple[PyTree, Any, dict[str, PyTree]]:
+  """θ⁺ and its tangents w.r.t. raw η by one `jax.linearize` of `update_fn`.
 
   Args:
-    tx, params, grads, opt_state, state, config: as `exact_hypergradient`.
+    update_fn, state, config: as `exact_hypergradient`.
 
   Returns:
-    (θ⁺, tx's new state, {name: dθ⁺/d raw η[name], shaped like θ}); store
+    (θ⁺, update_fn's aux, {name: dθ⁺/d raw η[name], shaped like θ}); store
     the tangents with `state.replace(tangents=...)` for the next step's
     `online_hypergradient`.
   """
-  return _tangents(lambda hp: inner_step(tx, params, grads, opt_state, hp),
-                   state.raw, config)
+  new_params, jvp, update_aux = jax.linearize(
+      lambda r: update_fn(to_hparams(r, config)), state.raw, has_aux=True)
+  basis = {name: {n: (jnp.ones_like if n == name else jnp.zeros_like)(v)
+                  for n, v in state.raw.items()} for name in HPARAM_NAMES}
+  return new_params, update_aux, {name: jvp(basis[name])
+                                  for name in HPARAM_NAMES}
 
 
 def online_hypergradient(state: HPOState, grads: PyTree) -> HParams:
@@ -480,8 +390,10 @@ def update_hpo(state: HPOState, hypergrad: HParams,
       mean, state.meta_opt_state, raw)
   moved = optax.apply_updates(raw, updates)
   bounds = raw_bounds(config)
-  moved = {name: jnp.clip(moved[name], *bounds[name]).astype(raw[name].dtype)
-           for name in HPARAM_NAMES}
+  moved = optax.projections.projection_box(
+      moved, {name: bounds[name][0] for name in HPARAM_NAMES},
+      {name: bounds[name][1] for name in HPARAM_NAMES})
+  moved = {name: moved[name].astype(raw[name].dtype) for name in HPARAM_NAMES}
   keep_if_not = lambda new, old: jnp.where(apply, new, old)
   new_state = state.replace(
       step=step,
@@ -526,55 +438,19 @@ def hpo_step(tx: optax.GradientTransformation, params: PyTree, grads: PyTree,
     (θ⁺, tx's new state, new HPO state, metrics, aux of loss_fn or None);
     exact mode adds 'hpo_loss' (L_hpo(θ⁺)) to the metrics.
   """
+  update_fn = functools.partial(inner_step, tx, params, grads, opt_state)
   if config.mode == 'exact':
     if loss_fn is None:
       raise ValueError("hpo.mode='exact' needs loss_fn (θ -> (loss, aux) on "
                        "the HPO batch); or set hpo.mode='online'")
     new_params, new_opt_state, hypergrad, hpo_loss, aux = (
-        exact_hypergradient(tx, loss_fn, params, grads, opt_state, state,
-                            config))
+        exact_hypergradient(update_fn, loss_fn, state, config))
     state, metrics = update_hpo(state, hypergrad, config)
     return new_params, new_opt_state, state, {**metrics,
                                               'hpo_loss': hpo_loss}, aux
   hypergrad = online_hypergradient(state, grads)
-  new_params, new_opt_state, tangents = online_tangents(
-      tx, params, grads, opt_state, state, config)
+  new_params, new_opt_state, tangents = online_tangents(update_fn, state,
+                                                       config)
   state, metrics = update_hpo(state.replace(tangents=tangents), hypergrad,
                               config)
   return new_params, new_opt_state, state, metrics, None
-
-
-def make_component(config: ml_collections.ConfigDict, params: PyTree,
-                   name: str = 'hpo') -> Component:
-  """HPO as a `dha_jax.components.Component` for `dha_jax.step`.
-
-  The step injects `hyperparams(state)` into θ's update and then calls
-  `update(state, ctx)`, which differentiates `ctx.inner_update` (the step's
-  real optax update as a function of η) through `ctx.heldout_loss` (exact)
-  or linearises it and uses `ctx.param_grads` (online).
-
-  Args:
-    config: the HPO config.
-    params: θ or its `jax.eval_shape` (online mode: the tangents' shapes).
-    name: the component's name (metrics are prefixed with it).
-
-  Returns:
-    The Component.
-  """
-  _check_config(config)
-
-  def update(state: HPOState, ctx: StepContext):
-    update_fn = lambda hp: (ctx.inner_update(hp), None)
-    if config.mode == 'exact':
-      _, _, hypergrad, hpo_loss, _ = _exact(
-          update_fn, lambda p: (ctx.heldout_loss(p), None), state.raw, config)
-      state, metrics = update_hpo(state, hypergrad, config)
-      return state, {**metrics, 'hpo_loss': hpo_loss}
-    hypergrad = online_hypergradient(state, ctx.param_grads)
-    _, _, tangents = _tangents(update_fn, state.raw, config)
-    return update_hpo(state.replace(tangents=tangents), hypergrad, config)
-
-  return Component(
-      name=name, init=lambda key: init_hpo(config, params),
-      hyperparams=lambda state: current_hparams(state, config),
-      update=update)

@@ -1,0 +1,51 @@
+"""HPO as a `dha_jax.components.Component` for the train step.
+
+The step injects `hyperparams(state)` into θ's update and then calls
+`update(state, ctx)`, which runs `exact_hypergradient` through the step's own
+update (`ctx.inner_update`, `inner_step` with the step's θ, gradients and
+optimizer state) and `ctx.heldout_loss` (exact mode), or linearises that
+update by `online_tangents` and uses `ctx.param_grads` (online mode): the
+same functions `hpo_step` runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from dha_jax.components import Component, StepContext
+from dha_jax.hpo import hypergradient as hg
+
+PyTree = Any
+
+
+def make_component(config: ml_collections.ConfigDict, params: PyTree,
+                   name: str = 'hpo') -> Component:
+  """The HPO component.
+
+  Args:
+    config: the HPO config (`default_config`).
+    params: θ or its `jax.eval_shape` (online mode: the tangents' shapes).
+    name: the component's name (metrics are prefixed with it).
+
+  Returns:
+    The Component; it reads the held-out batch in exact mode.
+  """
+  hg.check_config(config)
+
+  def update(state: hg.HPOState, ctx: StepContext):
+    update_fn = lambda hp: (ctx.inner_update(hp), None)
+    if config.mode == 'exact':
+      _, _, hypergrad, hpo_loss, _ = hg.exact_hypergradient(
+          update_fn, lambda p: (ctx.heldout_loss(p), None), state, config)
+      state, metrics = hg.update_hpo(state, hypergrad, config)
+      return state, {**metrics, 'hpo_loss': hpo_loss}
+    hypergrad = hg.online_hypergradient(state, ctx.param_grads)
+    _, _, tangents = hg.online_tangents(update_fn, state, config)
+    return hg.update_hpo(state.replace(tangents=tangents), hypergrad, config)
+
+  return Component(
+      name=name, init=lambda key: hg.init_hpo(config, params),
+      hyperparams=lambda state: hg.current_hparams(state, config),
+      update=update, uses_heldout=config.mode == 'exact')
