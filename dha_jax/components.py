@@ -41,6 +41,9 @@ declares (so the loop names no component):
   (a search followed by training from scratch). A `.json`
   name maps to a JSON object, a `.png` name to a matplotlib figure; the loop
   writes them into the workdir (DA: policy.json, policy.png).
+* `summary(state, reports) -> str`: host side, when the search phase ends;
+  one line on what the component learned in it (NAS: how often the support
+  changed; DA: τ's entropy; HPO: η), which the loop logs.
 
 The step calls the `update` hooks with the state from before the step, so
 their results do not depend on the order of the components; `augment` hooks
@@ -103,6 +106,7 @@ class Component:
   fixed_architecture: Callable[[PyTree], Any] | None = None
   restore: Callable[[PyTree], PyTree] | None = None
   export: Callable[[PyTree, list[dict]], dict[str, Any]] | None = None
+  summary: Callable[[PyTree, list[dict]], str] | None = None
 
 
 def component_key(key: jax.Array, name: str) -> jax.Array:

@@ -126,7 +126,10 @@ def mode_spec(mode: str) -> ModeSpec:
 
 def search_budget(config: ml_collections.ConfigDict,
                   steps_per_epoch: int) -> int:
-  """Steps of a search phase: `nas.search_epochs` epochs."""
+  """Steps of a search phase: `nas.search_steps` when positive, else
+  `nas.search_epochs` epochs."""
+  if config.nas.search_steps > 0:
+    return int(config.nas.search_steps)
   return int(config.nas.search_epochs * steps_per_epoch)
 
 

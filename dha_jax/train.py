@@ -543,6 +543,20 @@ def next_progress(run: Run, phase: Phase, state: step_lib.TrainState,
   return dataclasses.replace(progress, **updates)
 
 
+def log_search_summary(run: Run, phase: Phase,
+                       state: step_lib.TrainState) -> None:
+  """Logs one line on what the search learned (the `summary` hooks)."""
+  records = read_metrics(run.workdir)
+  components = jax.device_get(state.components)
+  parts = [f"{c.name}: " + c.summary(
+      components[c.name], [r for r in records
+                           if r['phase'] == f'{c.name}_epoch'])
+           for c in phase.components if c.summary is not None]
+  if parts:
+    logging.info('Search done at step %d. %s.', int(state.step),
+                 '; '.join(parts))
+
+
 def deployable_variables(run: Run, state: step_lib.TrainState,
                          arch: search_space.Architecture) -> dict[str, Any]:
   """{'params', 'batch_stats'} of `state` pruned to `arch`'s support."""
@@ -701,11 +715,17 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
   repl = parallel.replicate(run.mesh, (state.params, state.batch_stats, arch))
   test = evaluate(eval_fn, *repl, run.dataset.test, config.eval_batch_size,
                   run.mesh)
+  # The HPO split is held out from θ's training: choices between runs are
+  # made on it, never on the test split.
+  heldout = (evaluate(eval_fn, *repl, run.dataset.hpo, config.eval_batch_size,
+                      run.mesh) if len(run.dataset.hpo) else
+             {'accuracy': None, 'loss': None})
   writer.write(int(state.step), {'phase': 'test',
                                  'test_accuracy': test['accuracy'],
-                                 'test_loss': test['loss']})
-  logging.info('Test accuracy %.4f, loss %.4f.', test['accuracy'],
-               test['loss'])
+                                 'test_loss': test['loss'],
+                                 'hpo_accuracy': heldout['accuracy']})
+  logging.info('Test accuracy %.4f, loss %.4f (HPO split accuracy %s).',
+               test['accuracy'], test['loss'], heldout['accuracy'])
   # The deployable network: θ pruned to the final support.
   deployed = deployable_variables(run, state, arch)
   write_atomic(os.path.join(workdir, DEPLOY_FILE), lambda tmp: open(
@@ -733,6 +753,7 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
         save_figure(obj, path)
   summary = {'mode': config.mode, 'dataset': run.dataset.name,
              'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+             'hpo_accuracy': heldout['accuracy'],
              'train_steps': int(state.step),
              'search_steps': progress.search_steps,
              'wall_seconds': time.time() - start_time,
@@ -785,6 +806,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     phase = build_phase(run, progress, state)
     state = run_phase(run, phase, parallel.replicate(run.mesh, state),
                       progress, manager, writer)
+    if phase.spec.searching:
+      log_search_summary(run, phase, state)
     following = next_progress(run, phase, state, progress)
     if following is not None and run.phases[
         phase_index(run, following.phase)].fresh_state:

@@ -30,8 +30,8 @@ source on `--data`; `--train-examples` (a class-balanced subset, of which
 `--channels`, `--layers` cells, no auxiliary head (at C = 8 its 128/768
 channels would cost more than the network); `--steps` training steps with
 `--batch-size`; `nas.search_epochs` = `--search-epochs`; and, as short runs
-need (configs/default.py), `nas.code_init_scale` = 1.0 and `nas.dist_limit`
-= 0.02. Everything else is the paper's setting (Cutout 16, drop-path 0.2,
+need, the short-run search dynamics of configs/default.py (`SHORT_RUN_FIELDS`:
+α normalised per node, relative freezing, Adam on τ). Everything else is the paper's setting (Cutout 16, drop-path 0.2,
 cosine SGD from 0.025, the exact hypergradient, Eq. 4). The one-stage modes
 search within their `--steps` (the search ends when every node is frozen or
 after `--search-epochs`); the two-stage `sequential_dha` first searches for
@@ -90,6 +90,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from configs import default as default_config
 from dha_jax import plots
 from dha_jax import train
 from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT, WORKDIRS
@@ -120,8 +121,23 @@ SECONDS_PER_MINUTE = 60.0
 SECONDS_PER_HOUR = 3600.0
 LOG_TAIL_LINES = 20
 
-# Short runs need α of order one from the start (configs/default.py).
-SHORT_RUN_NAS = {'nas.code_init_scale': 1.0, 'nas.dist_limit': 0.02}
+# Short runs need scale-free search dynamics: these fields take their
+# configs/default.py values (docs/fidelity.md, 'Settings that depart from
+# the paper for short runs').
+SHORT_RUN_FIELDS = ('nas.code_init_scale', 'nas.alpha_norm',
+                    'nas.freeze_rule', 'nas.dist_limit',
+                    'nas.min_freeze_steps', 'da.policy_optimizer',
+                    'da.policy_lr')
+
+
+def short_run_settings() -> dict[str, Any]:
+  """{field: configs/default.py's value} of `SHORT_RUN_FIELDS`."""
+  defaults = default_config.get_config()
+  out = {}
+  for field in SHORT_RUN_FIELDS:
+    block, name = field.split('.')
+    out[field] = defaults[block][name]
+  return out
 # Runs of minutes: log and checkpoint every minute or two (a kill loses at
 # most that much); neither changes what is computed.
 LOG_EVERY_STEPS = 10
@@ -162,7 +178,7 @@ def config_overrides(budget: Budget, data: str, mode: str, seed: int,
       'model.channels': budget.channels, 'model.layers': budget.layers,
       'model.auxiliary': False,
       'num_train_steps': budget.steps, 'batch_size': budget.batch_size,
-      'nas.search_epochs': budget.search_epochs, **SHORT_RUN_NAS,
+      'nas.search_epochs': budget.search_epochs, **short_run_settings(),
       'log_every_steps': LOG_EVERY_STEPS,
       'checkpoint_every_steps': CHECKPOINT_EVERY_STEPS}
   flags = [f'--config.{k}={v}' for k, v in fields.items()]
@@ -173,14 +189,14 @@ def workdir_of(out: str, mode: str, seed: int) -> str:
   return os.path.join(out, f'{mode}_seed{seed}')
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def read_json(path: str) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
   return str(datetime.timedelta(seconds=round(seconds)))
 
 
@@ -188,12 +204,18 @@ def _finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
 
 
-def run_one(workdir: str, command: Sequence[str]) -> int:
+def run_one(workdir: str, command: Sequence[str],
+            env: dict[str, str] | None = None) -> int:
   """Runs one (mode, seed) to its end, appending its output to its log.
 
   The process's wall time is added to workdir/reproduce_wall.json (also when
   interrupted), so a resumed run reports the time of all its sessions; a run
   that was already finished adds nothing.
+
+  Args:
+    workdir: the run's workdir.
+    command: the command line.
+    env: the process's environment (None: this process's).
 
   Returns:
     The exit status of the run.
@@ -206,11 +228,12 @@ def run_one(workdir: str, command: Sequence[str]) -> int:
       log.write(f'$ {" ".join(command)}\n')
       log.flush()
       rc = subprocess.run(command, cwd=REPO_ROOT, stdout=log,
-                          stderr=subprocess.STDOUT, check=False).returncode
+                          stderr=subprocess.STDOUT, check=False,
+                          env=env).returncode
   finally:
     if not finished:
       path = os.path.join(workdir, WALL_FILE)
-      wall = _read_json(path) or {'seconds': 0.0, 'sessions': 0}
+      wall = read_json(path) or {'seconds': 0.0, 'sessions': 0}
       train.write_json_atomic(path, {
           'seconds': wall['seconds'] + time.time() - start,
           'sessions': wall['sessions'] + 1, 'last_rc': rc})
@@ -239,8 +262,8 @@ def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
   for mode in modes:
     for seed in seeds:
       workdir = workdir_of(out, mode, seed)
-      summary = _read_json(os.path.join(workdir, train.SUMMARY_FILE))
-      wall = _read_json(os.path.join(workdir, WALL_FILE))
+      summary = read_json(os.path.join(workdir, train.SUMMARY_FILE))
+      wall = read_json(os.path.join(workdir, WALL_FILE))
       record = {'mode': mode, 'seed': seed, 'workdir': workdir}
       if summary is not None:
         record.update(
@@ -513,10 +536,10 @@ def run_all(jobs: Sequence[tuple[str, int]], args: argparse.Namespace,
                + config_overrides(budget, args.data, mode, seed, args.set))
     pending = sum(not _finished(workdir_of(args.out, m, s))
                   for m, s in jobs[i - 1:])
-    eta = (_clock(statistics.fmean(durations) * pending) if durations
+    eta = (clock(statistics.fmean(durations) * pending) if durations
            else '?')
     print(f'[run {i}/{len(jobs)}] {mode} seed {seed}  (elapsed '
-          f'{_clock(time.time() - start)}, ETA {eta})  {workdir}', flush=True)
+          f'{clock(time.time() - start)}, ETA {eta})  {workdir}', flush=True)
     was_finished = _finished(workdir)
     run_start = time.time()
     rc = run_one(workdir, command)
@@ -524,14 +547,14 @@ def run_all(jobs: Sequence[tuple[str, int]], args: argparse.Namespace,
       print(f'  FAILED (exit {rc}); the end of {workdir}/{LOG_FILE}:\n'
             f'{log_tail(workdir)}', flush=True)
       continue
-    summary = _read_json(os.path.join(workdir, train.SUMMARY_FILE))
+    summary = read_json(os.path.join(workdir, train.SUMMARY_FILE))
     if not was_finished:
       durations.append(time.time() - run_start)
     print(f"  {'already finished' if was_finished else 'done'}: test "
           f"accuracy {summary['test_accuracy']:.4f} "
-          f'({_clock(time.time() - run_start)})', flush=True)
+          f'({clock(time.time() - run_start)})', flush=True)
   if jobs:
-    print(f'{len(jobs)} runs done in {_clock(time.time() - start)}.')
+    print(f'{len(jobs)} runs done in {clock(time.time() - start)}.')
 
 
 

@@ -13,9 +13,12 @@ import dha_jax
 from configs import default as default_config
 from dha_jax import train
 from dha_jax.augment import component as da_component
+from dha_jax.augment import ops
 from dha_jax.augment import policy
 from dha_jax.components import check_components, component_key
 from dha_jax.nas import component as nas_component
+from dha_jax.nas import ista
+from dha_jax.nas import search_space as ss
 from experiments import custom_component
 from tests import tiny
 
@@ -122,3 +125,64 @@ def test_unknown_extra_component_is_a_clear_error():
   config.extra_components = 'no_such_module:make'
   with pytest.raises(train.RunError, match='module:factory'):
     train.load_extra_components(config)
+
+
+def test_nas_component_moves_b_relative_to_its_scale_and_freezing_waits():
+  config = nas_component.default_config()
+  config.max_iters = 2000
+  config.freeze_rule = 'relative'
+  config.dist_limit = 10.0  # every node would freeze at its first chance,
+  config.min_freeze_steps = 3  # but not before b has had 3 updates
+  comp = nas_component.make_component(config)
+  state = comp.init(jax.random.key(0))
+  grads = jax.tree.map(jnp.ones_like, state.ista.b)
+  moved, _ = comp.update(state, _ctx(grads=grads))
+  # At the reference's scale (b ~ 1e-3) one Adam step of 3e-4 per coordinate
+  # moves b by a large fraction of itself.
+  relative = float(optax.tree.norm(jax.tree.map(
+      jnp.subtract, moved.ista.b, state.ista.b)) / optax.tree.norm(
+          state.ista.b))
+  assert relative > 0.1
+  moved, report = comp.epoch_end(moved, 1)
+  np.testing.assert_allclose(report['code_relative_move'], relative,
+                             rtol=1e-5)
+  assert report['code_steps'] == 1 and report['frozen_nodes'] == 0
+  start = ista.support_from_codes(state.x_init, state.ista.config)
+  assert report['pairs_changed_from_start'] == ss.changed_pairs(
+      start, moved.ista.support_dict)
+  assert report['pairs_changed'] == report['pairs_changed_from_start']
+  for _ in range(2):
+    moved, _ = comp.update(moved, _ctx(grads=grads))
+  frozen, report = comp.epoch_end(moved, 2)
+  assert report['code_steps'] == 3 and report['frozen_nodes'] == 8
+  assert comp.search_done(frozen)
+  assert comp.summary(frozen, [report]).startswith('support changed')
+
+
+def test_adam_on_tau_leaves_uniform_under_a_loss_favouring_one_pair():
+  config = da_component.default_config()
+  config.policy_optimizer = 'adam'
+  config.policy_lr = 0.05
+  comp = da_component.make_component(config)
+  state = comp.init(jax.random.key(0))
+  uniform = policy.policy_entropy(state.logits)
+
+  @jax.jit
+  def step(state, key):
+    op1, op2 = policy.sample_pairs(key, state.logits, 64, config.temperature)
+    losses = jnp.where((op1 == 3) & (op2 == 5), 10.0, 1.0)
+    return comp.update(state, _ctx(per_example_loss=losses,
+                                   stash=(op1, op2)))[0]
+
+  for key in jax.random.split(jax.random.key(1), 200):
+    state = step(state, key)
+  _, report = comp.epoch_end(state, 0)
+  assert report['entropy'] < uniform - 0.25
+  np.testing.assert_allclose(report['kl_from_uniform'],
+                             uniform - report['entropy'], rtol=1e-5)
+  names = ops.OP_NAMES
+  assert report['top_pair'] == f'{names[3]} -> {names[5]}'
+  assert 'τ entropy' in comp.summary(state, [report])
+  with pytest.raises(ValueError, match='policy_optimizer'):
+    config.policy_optimizer = 'rmsprop'
+    da_component.make_component(config)

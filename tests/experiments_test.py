@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from dha_jax import train
+from dha_jax.nas import search_space as ss
+from experiments import ablate_search
 from experiments import landscape
 from experiments import reproduce
 
@@ -175,8 +177,9 @@ def test_config_overrides_share_the_budget_and_short_run_nas_scale():
   assert '--config.seed=3' in flags
   assert '--config.dataset.path=/d/c10.zip' in flags
   assert '--config.num_train_steps=7' in flags
-  assert '--config.nas.code_init_scale=1.0' in flags
-  assert '--config.nas.dist_limit=0.02' in flags
+  assert '--config.nas.alpha_norm=mean_abs' in flags
+  assert '--config.nas.freeze_rule=relative' in flags
+  assert '--config.da.policy_optimizer=adam' in flags
   assert flags[-1] == '--config.hpo.mode=online'
   other = reproduce.config_overrides(budget, '/d/c10.zip', 'dha', 3)
   differ = set(flags) ^ set(other)
@@ -218,3 +221,38 @@ def test_reproduce_and_landscape_smoke(tmp_path, capsys):
   assert np.all(np.isfinite(grid['loss']))
   assert (report / f'{name}_landscape.png').stat().st_size > 0
 
+
+
+def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
+  args = ablate_search.parse_args(['--out', str(tmp_path), '--seeds', '1',
+                                   '--cifar10', '/d/c10.zip'])
+  budget = ablate_search.Budget()
+  commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
+              for arm in ablate_search.arms(args.random_genotypes)}
+  assert len(commands) == 5 + 5
+  flags = lambda name: {f for f in commands[name][3:]
+                        if not f.startswith('--workdir')}
+  assert flags('da_learned') ^ flags('da_uniform') == {
+      '--config.da.policy_lr=0.0'}
+  assert flags('search') ^ flags('hpo_learned') == {
+      '--config.mode=ista_one_stage', '--config.mode=nas_hpo'}
+  searched = [f for f in commands['searched'] if 'genotype=' in f][0]
+  assert searched.endswith(os.path.join('seed1', 'search', 'genotype.json'))
+  random0 = [f for f in commands['random0'] if 'genotype=' in f][0]
+  path = random0.split('=', 1)[1]
+  first = open(path).read()
+  assert ss.Genotype.from_json(first)
+  os.remove(path)
+  ablate_search.command(args, budget, 'cifar10', 1,
+                        ablate_search.arms(5)[5])  # drawn again, the same
+  assert open(path).read() == first
+  assert '--config.dataset.path=/d/c10.zip' in commands['search']
+
+
+def test_ablate_search_verdict():
+  assert ablate_search.verdict([0.9, 0.91, 0.92], [0.8, 0.81, 0.82]).startswith(
+      'beats')
+  assert ablate_search.verdict([0.8, 0.81, 0.82], [0.9, 0.91, 0.92]).startswith(
+      'loses')
+  assert ablate_search.verdict([0.8, 0.9], [0.85, 0.86]).startswith('tie')
+  assert ablate_search.verdict([0.8], [0.85, 0.86]) == 'too few runs'

@@ -1,5 +1,6 @@
 """Tests of the ISTA-NAS math: (F)ISTA, Eq. 7, the support, the search state."""
 
+import dataclasses
 import functools
 
 import jax
@@ -380,3 +381,70 @@ def test_checkpoint_round_trip_and_sync_support(state, tmp_path):
   assert restored.support == searched.support
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(searched)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_mean_abs_alpha_does_not_depend_on_the_scale_of_b(state):
+  normed = state.replace(config=dataclasses.replace(state.config,
+                                                    alpha_norm='mean_abs'))
+  arch = jax.jit(ista.architecture_from_codes)(normed, normed.b)
+  plain = ista.architecture_from_codes(state, state.b)
+  for got, ref in zip(jax.tree.leaves(arch), jax.tree.leaves(plain)):
+    # Eq. 7': the same signs and ratios as Eq. 7, mean |α| = 1 per node.
+    np.testing.assert_allclose(got, ref / np.mean(np.abs(ref)), rtol=1e-5)
+    np.testing.assert_allclose(np.mean(np.abs(got)), 1.0, rtol=1e-5)
+  # α is homogeneous in (b, x): a 1000x larger code gives the same network.
+  scale = 1000.0
+  big = normed.replace(b=jax.tree.map(lambda v: scale * v, normed.b),
+                       x=jax.tree.map(lambda v: scale * v, normed.x))
+  for got, ref in zip(jax.tree.leaves(ista.architecture_from_codes(
+      big, big.b)), jax.tree.leaves(arch)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+  grads = jax.grad(lambda b: sum(jnp.sum(w[:1]) for w in jax.tree.leaves(
+      ista.architecture_from_codes(normed, b))))(normed.b)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match='alpha_norm'):
+    ista.IstaConfig(alpha_norm='l2')
+
+
+def test_relative_freezing_is_scale_free_and_waits(state):
+  moved = _perturb(state.b, 'normal', 1, 1e-4, seed=4)
+  _, report = ista.recover(state, moved, epoch=1, freeze_rule='relative',
+                           dist_limit=0.05)
+  rel = report['relative_distances']['normal'][1]
+  np.testing.assert_allclose(
+      rel, report['distances']['normal'][1]
+      / np.linalg.norm(np.asarray(ista._solve(
+          state.A['normal'][1], moved['normal'][1], state.config).x)),
+      rtol=1e-6)
+  assert 0 < rel
+  _, at = ista.recover(state, moved, epoch=1, freeze_rule='relative',
+                       dist_limit=rel)
+  _, below = ista.recover(state, moved, epoch=1, freeze_rule='relative',
+                          dist_limit=0.999 * rel)
+  assert at['frozen']['normal'][1] and not below['frozen']['normal'][1]
+  # The absolute rule with the same limit freezes everything at this scale.
+  _, absolute = ista.recover(state, moved, epoch=1, dist_limit=0.999 * rel)
+  assert absolute['frozen']['normal'][1]
+  # No node freezes while freezing is not allowed yet.
+  _, waiting = ista.recover(state, moved, epoch=1, freeze_rule='relative',
+                            dist_limit=1.0, may_freeze=False)
+  assert not waiting['newly_frozen']
+  with pytest.raises(ValueError, match='freeze_rule'):
+    ista.recover(state, epoch=1, freeze_rule='never')
+
+
+def test_changed_pairs_and_random_genotypes():
+  support = ista.support_from_codes(
+      ista.init_ista(jax.random.key(0)).x, ista.IstaConfig())
+  assert ss.changed_pairs(support, support) == 0
+  node = support['normal'][0]
+  other = tuple(sorted({(e, o) for e, o in node} ^ {node[0]}
+                       | {(node[0][0], 'skip_connect'
+                          if node[0][1] != 'skip_connect' else 'max_pool_3x3')}))
+  moved = {**support, 'normal': (other,) + support['normal'][1:]}
+  assert ss.changed_pairs(support, moved) == 1
+  draws = [ss.random_genotype(np.random.default_rng((0, k))) for k in range(5)]
+  assert len(set(draws)) == 5
+  for genotype in draws:
+    assert ss.Genotype.from_json(genotype.to_json()) == genotype
+  assert draws[0] == ss.random_genotype(np.random.default_rng((0, 0)))

@@ -49,6 +49,7 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
           'model.msgpack'} <= files
   assert ('policy.json' in files) == ('da' in spec.components)
   assert ('policy.png' in files) == ('da' in spec.components)
+  assert ('policy_search.png' in files) == ('da' in spec.components)
   assert ('architecture.png' in files) == (spec.search is not None)
   genotype = json.load(open(os.path.join(workdir, 'genotype.json')))
   assert len(genotype['normal']) == len(genotype['reduce']) == 8
@@ -58,10 +59,26 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
   assert ('search' in phases) == (spec.search is not None)
   if 'hpo' in spec.components:
     assert any('hpo/learning_rate' in r for r in records)
+  # What each search did, per epoch and in one log line at its end.
+  if spec.search == 'one_stage':
+    assert 'Search done at step' in proc.stderr
+    nas = [r for r in records if r['phase'] == 'nas_epoch']
+    assert 0 <= nas[-1]['pairs_changed_from_start'] <= 16
+    assert nas[-1]['code_relative_move'] > 0
+  if 'da' in spec.components:
+    da = [r for r in records if r['phase'] == 'da_epoch']
+    assert da[-1]['kl_from_uniform'] >= 0 and ' -> ' in da[-1]['top_pair']
   if mode == 'dha':
     assert all(np.isfinite(r['hpo/hpo_loss']) for r in records
                if 'hpo/hpo_loss' in r)
     assert any('hpo/hpo_loss' in r for r in records)
+
+
+def test_search_steps_win_over_search_epochs():
+  config = tiny.tiny_config('dha')
+  assert modes.search_budget(config, 7) == 7 * config.nas.search_epochs
+  config.nas.search_steps = 5
+  assert modes.search_budget(config, 7) == 5
 
 
 @pytest.mark.slow

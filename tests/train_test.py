@@ -84,7 +84,8 @@ def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
   for name in ('config.json', 'metrics.jsonl', 'summary.json',
                'genotype.json', 'checkpoints'):
     assert os.path.exists(os.path.join(workdir, name)), name
-  for key in ('mode', 'dataset', 'test_accuracy', 'train_steps',
+  for key in ('mode', 'dataset', 'test_accuracy', 'hpo_accuracy',
+              'train_steps',
               'search_steps', 'wall_seconds', 'param_count', 'genotype'):
     assert key in summary, key
   assert summary['train_steps'] == 4

@@ -10,6 +10,12 @@ one SGD step on the importance-weighted loss
 which raises the probability of pairs that produce a high training loss
 (hard but useful augmentations). τ is pushed to the sampler at every step
 (the reference effectively does it once per epoch, docs/fidelity.md, 'DA').
+
+τ's optimizer is the paper's SGD (`policy_optimizer='sgd'`) or Adam
+('adam', a deviation): Eq. 2's gradient is O(ℓ/K⁴) per logit, so SGD moves
+the logits ~1e-4 a step and τ leaves uniform only over the paper's ~10⁵
+steps; Adam's per-logit normalisation moves them ~`policy_lr` a step. Per
+epoch (`epoch_end`) τ's entropy, KL from uniform and top pair are reported.
 """
 
 from __future__ import annotations
@@ -45,21 +51,60 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_level = 10.0
   # Fill value of the geometric ops (rotate, shear, translate).
   c.fill_value = 128
-  # SGD on τ (the reference's d_lr, d_momentum, d_nesterov, d_weight_decay).
-  # Eq. 2's gradients are O(ℓ/K⁴) per logit, hence a large learning rate.
+  # τ's optimizer: 'sgd' (the paper and the reference: d_lr, d_momentum,
+  # d_nesterov, d_weight_decay) or 'adam' (a deviation for short runs: moves
+  # each logit ~policy_lr per step whatever the gradient's scale). With
+  # 'sgd', Eq. 2's gradients are O(ℓ/K⁴) per logit, hence a large rate.
+  # policy_lr = 0 keeps τ uniform (uniform RandAugment with pairs).
+  c.policy_optimizer = 'sgd'
   c.policy_lr = 2.0
+  # SGD only: momentum and Nesterov.
   c.policy_momentum = 0.9
   c.policy_nesterov = False
+  # L2 weight decay on τ's logits (both optimizers).
   c.policy_weight_decay = 0.0
   return c
 
 
+POLICY_OPTIMIZERS = ('sgd', 'adam')
+# Curves of policy_search.png, from the per-epoch reports.
+PLOTTED_REPORT_KEYS = ('entropy', 'kl_from_uniform', 'max_pair_prob')
+
+
 def policy_optimizer(config: ml_collections.ConfigDict
                      ) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.add_decayed_weights(config.policy_weight_decay),
-      optax.sgd(config.policy_lr, momentum=config.policy_momentum or None,
-                nesterov=config.policy_nesterov))
+  """τ's optimizer (`config.policy_optimizer`), L2 decay first."""
+  if config.policy_optimizer not in POLICY_OPTIMIZERS:
+    raise ValueError(f'da.policy_optimizer must be one of '
+                     f'{POLICY_OPTIMIZERS}, got {config.policy_optimizer!r}')
+  if config.policy_optimizer == 'adam':
+    step = optax.adam(config.policy_lr)
+  else:
+    step = optax.sgd(config.policy_lr,
+                     momentum=config.policy_momentum or None,
+                     nesterov=config.policy_nesterov)
+  return optax.chain(optax.add_decayed_weights(config.policy_weight_decay),
+                     step)
+
+
+def epoch_report(logits: jax.Array) -> dict[str, Any]:
+  """How far τ is from uniform: entropy, KL from uniform (nats), the
+  probability and name of the most probable pair."""
+  exported = policy.export_policy(logits, top_k=1)
+  top = exported['top_pairs'][0]
+  return {'entropy': exported['entropy'],
+          'kl_from_uniform': float(policy.kl_from_uniform(logits)),
+          'max_pair_prob': top['probability'],
+          'top_pair': f"{top['op1']} -> {top['op2']}"}
+
+
+def summary(state: DAState, reports: list[dict]) -> str:
+  """One line on τ (for the run log)."""
+  del reports
+  report = epoch_report(state.logits)
+  uniform = report['entropy'] + report['kl_from_uniform']
+  return (f"τ entropy {report['entropy']:.3f} nats (uniform {uniform:.3f}), "
+          f"top pair {report['top_pair']} p={report['max_pair_prob']:.4f}")
 
 
 def make_component(config: ml_collections.ConfigDict,
@@ -91,11 +136,15 @@ def make_component(config: ml_collections.ConfigDict,
     return (DAState(logits=logits, opt_state=opt_state),
             {'policy_loss': loss, 'entropy': policy.policy_entropy(logits)})
 
+  def epoch_end(state: DAState, epoch: int):
+    return state, {'epoch': epoch, **epoch_report(state.logits)}
+
   def export(state: DAState | None, reports: list[dict]) -> dict[str, Any]:
-    del reports  # τ's final value is what a user reads
     policy_json = policy.export_policy(state.logits)
     return {'policy.json': policy_json,
-            'policy.png': plots.policy_figure(policy_json)}
+            'policy.png': plots.policy_figure(policy_json),
+            'policy_search.png': plots.series_figure(
+                reports, PLOTTED_REPORT_KEYS, 'τ (per epoch)')}
 
   return Component(name=name, init=init, augment=augment, update=update,
-                   export=export)
+                   epoch_end=epoch_end, export=export, summary=summary)

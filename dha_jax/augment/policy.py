@@ -148,6 +148,12 @@ def policy_entropy(logits: chex.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(log_p) * log_p)
 
 
+def kl_from_uniform(logits: chex.Array) -> jax.Array:
+  """KL(p(τ) ‖ uniform) = log K² − H(p(τ)) in nats; 0 when uniform."""
+  num_ops = _check_logits(logits)
+  return 2.0 * jnp.log(num_ops) - policy_entropy(logits)
+
+
 def export_policy(logits: chex.Array, top_k: int = DEFAULT_TOP_K,
                   op_names: Sequence[str] | None = None) -> dict[str, Any]:
   """τ as a JSON-ready dict (the workdir's `policy.json`).

@@ -15,6 +15,7 @@ from dha_jax.hpo.hypergradient import exact_hypergradient
 from dha_jax.hpo.hypergradient import hpo_step
 from dha_jax.hpo.hypergradient import HPOState
 from dha_jax.hpo.hypergradient import init_hpo
+from dha_jax.hpo.hypergradient import initial_hparams
 from dha_jax.hpo.hypergradient import make_meta_optimizer
 from dha_jax.hpo.hypergradient import online_hypergradient
 from dha_jax.hpo.hypergradient import online_tangents
@@ -39,6 +40,7 @@ __all__ = (
     'exact_hypergradient',
     'hpo_step',
     'init_hpo',
+    'initial_hparams',
     'inner_step',
     'learning_rate_schedule',
     'make_component',

@@ -5,7 +5,7 @@ The step injects `hyperparams(state)` into θ's update and then calls
 update (`ctx.inner_update`, `inner_step` with the step's θ, gradients and
 optimizer state) and `ctx.heldout_loss` (exact mode), or linearises that
 update by `online_tangents` and uses `ctx.param_grads` (online mode): the
-same functions `hpo_step` runs.
+same functions `hpo_step` runs. Per epoch (`epoch_end`) it reports η.
 """
 
 from __future__ import annotations
@@ -45,7 +45,19 @@ def make_component(config: ml_collections.ConfigDict, params: PyTree,
     _, _, tangents = hg.online_tangents(update_fn, state, config)
     return hg.update_hpo(state.replace(tangents=tangents), hypergrad, config)
 
+  def epoch_end(state: hg.HPOState, epoch: int):
+    hparams = hg.current_hparams(state, config)
+    return state, {'epoch': epoch,
+                   **{k: float(v) for k, v in hparams.items()}}
+
+  def summary(state: hg.HPOState, reports: list[dict]) -> str:
+    del reports
+    now = {k: float(v) for k, v in hg.current_hparams(state, config).items()}
+    start = {k: float(v) for k, v in hg.initial_hparams(config).items()}
+    return ', '.join(f'{k} {start[k]:.4g} -> {now[k]:.4g}' for k in now)
+
   return Component(
       name=name, init=lambda key: hg.init_hpo(config, params),
       hyperparams=lambda state: hg.current_hparams(state, config),
-      update=update, uses_heldout=config.mode == 'exact')
+      update=update, epoch_end=epoch_end,
+      uses_heldout=config.mode == 'exact', summary=summary)

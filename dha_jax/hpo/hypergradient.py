@@ -191,6 +191,11 @@ def _initial_raw(config: ml_collections.ConfigDict, dtype: Any) -> HParams:
   return out
 
 
+def initial_hparams(config: ml_collections.ConfigDict) -> HParams:
+  """η at initialisation: {'learning_rate', 'weight_decay'} scalars."""
+  return to_hparams(_initial_raw(config, HPARAM_DTYPE), config)
+
+
 def to_hparams(raw: HParams, config: ml_collections.ConfigDict) -> HParams:
   """Maps raw η to {'learning_rate', 'weight_decay'} (exp in log space)."""
   if config.parameterization == 'log':

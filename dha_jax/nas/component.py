@@ -13,6 +13,14 @@ Frozen nodes keep their b exactly (their Adam updates are zeroed). Per epoch
 (`epoch_end`, host side) x̂ is recovered by FISTA, nodes freeze and the
 resource constraint is checked (Eq. 1) on the parameter count of the network
 the candidate support would give; a new support retraces the jitted step once.
+The epoch's report says how far the search moved: pairs of the support that
+changed since the last epoch and since the start, and b's relative movement.
+
+The reference's dynamics (`default_config`) suit its 600-epoch runs; a short
+run needs scale-free ones (configs/default.py, docs/fidelity.md, 'NAS'):
+α normalised per node (`alpha_norm='mean_abs'`) so that b can keep the
+reference's scale, and a relative freezing rule that waits for
+`min_freeze_steps` steps of b.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any, Callable
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -34,15 +43,27 @@ from dha_jax.nas import search_space
 BYTES_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
 CODE_LOSSES = ('train', 'heldout')
 # Curves of architecture.png, from the per-epoch reports.
-PLOTTED_REPORT_KEYS = ('frozen_nodes', 'support_changed', 'alpha_norm_normal',
-                       'alpha_norm_reduce')
+PLOTTED_REPORT_KEYS = ('pairs_changed', 'pairs_changed_from_start',
+                       'code_relative_move', 'frozen_nodes',
+                       'alpha_norm_normal', 'alpha_norm_reduce')
 
 
 @flax.struct.dataclass
 class NASState:
-  """The search state: ISTA-NAS codes and problems, and b's Adam state."""
+  """The search state.
+
+  Attributes:
+    ista: the ISTA-NAS codes and problems.
+    opt_state: b's Adam state.
+    steps: how many updates b has had (int32 scalar).
+    x_init: x̂ of the initial codes (the initial support), for reports.
+    b_prev: b at the previous `epoch_end`, for reports.
+  """
   ista: ista.IstaState
   opt_state: Any
+  steps: jax.Array
+  x_init: dict[str, ista.PerNode]
+  b_prev: dict[str, ista.PerNode]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,18 +75,31 @@ def default_config() -> ml_collections.ConfigDict:
   c.code_betas = (0.5, 0.999)
   # m, the length of each node's code b_i (ISTA-NAS proj_dims).
   c.proj_dims = ista.DEFAULT_PROJ_DIMS
-  # Scale of b's N(0, 1) initialisation.
+  # Scale of b's N(0, 1) initialisation (the reference's 1e-3).
   c.code_init_scale = ista.DEFAULT_B_INIT_SCALE
-  # A node freezes when its recovered x̂ moved by at most this (L2) in an
-  # epoch; the search ends when every node is frozen.
+  # α of each node for the forward pass: 'none' (Eq. 7, the reference: α
+  # scales with b) or 'mean_abs' (α / mean|α| per node: the network's output
+  # does not depend on b's scale; a deviation for short runs).
+  c.alpha_norm = 'none'
+  # A node freezes when its recovered x̂ moved by at most dist_limit in an
+  # epoch: in L2 ('absolute', the reference) or relative to ‖x̂‖
+  # ('relative': independent of b's scale). The search ends when every node
+  # is frozen.
+  c.freeze_rule = 'absolute'
   c.dist_limit = ista.DEFAULT_DIST_LIMIT
+  # No node freezes before b has had this many updates (0: from the second
+  # epoch on, as the reference).
+  c.min_freeze_steps = 0
   # Eq. 1: refuse a support whose network exceeds this many million
   # parameters (-1: no constraint).
   c.param_limit_mb = -1.0
   # Adds `none` to the 7 ISTA-NAS ops (never selected into the support).
   c.include_none = False
-  # Search budget in epochs; the fixed-architecture phase follows.
+  # Search budget in epochs, unless search_steps is positive, which then
+  # wins (for data sets whose epochs are a few steps); the
+  # fixed-architecture phase follows.
   c.search_epochs = 10
+  c.search_steps = -1
   # Which loss trains b: 'train' (one-level, one-stage) or 'heldout'.
   c.code_loss = 'train'
   # FISTA iterations cap for each per-epoch recovery.
@@ -77,7 +111,7 @@ def ista_config(config: ml_collections.ConfigDict) -> ista.IstaConfig:
   return ista.IstaConfig(
       ops=search_space.primitives(config.include_none),
       proj_dims=config.proj_dims, b_init_scale=config.code_init_scale,
-      max_iters=config.max_iters)
+      max_iters=config.max_iters, alpha_norm=config.alpha_norm)
 
 
 def two_stage_config(config: ml_collections.ConfigDict
@@ -114,6 +148,9 @@ def make_component(config: ml_collections.ConfigDict,
   if config.code_loss not in CODE_LOSSES:
     raise ValueError(f'nas.code_loss must be one of {CODE_LOSSES}, got '
                      f'{config.code_loss!r}')
+  if config.freeze_rule not in ista.FREEZE_RULES:
+    raise ValueError(f'nas.freeze_rule must be one of {ista.FREEZE_RULES}, '
+                     f'got {config.freeze_rule!r}')
   limit = config.param_limit_mb if config.param_limit_mb > 0 else None
   if limit is not None and param_count_fn is None:
     raise ValueError('nas.param_limit_mb needs a param_count_fn')
@@ -122,7 +159,11 @@ def make_component(config: ml_collections.ConfigDict,
 
   def init(key: jax.Array) -> NASState:
     state = ista.init_ista(key, icfg)
-    return NASState(ista=state, opt_state=tx.init(state.b))
+    # Copies: the step donates the state, and a buffer may be donated once.
+    return NASState(ista=state, opt_state=tx.init(state.b),
+                    steps=jnp.zeros((), jnp.int32),
+                    x_init=jax.tree.map(jnp.copy, state.x),
+                    b_prev=jax.tree.map(jnp.copy, state.b))
 
   def update(state: NASState, ctx: StepContext):
     grads = ctx.grads
@@ -132,7 +173,8 @@ def make_component(config: ml_collections.ConfigDict,
     updates, opt_state = tx.update(grads, state.opt_state, state.ista.b)
     updates = ista.zero_frozen(state.ista, updates)
     new_b = optax.apply_updates(state.ista.b, updates)
-    return (NASState(ista=state.ista.replace(b=new_b), opt_state=opt_state),
+    return (state.replace(ista=state.ista.replace(b=new_b),
+                          opt_state=opt_state, steps=state.steps + 1),
             {'code_grad_norm': optax.tree.norm(grads)})
 
   def epoch_end(state: NASState, epoch: int):
@@ -140,7 +182,18 @@ def make_component(config: ml_collections.ConfigDict,
              else lambda support: param_count_fn(support) / BYTES_PER_MB)
     new_ista, report = ista.recover(
         state.ista, epoch=epoch, dist_limit=config.dist_limit,
+        freeze_rule=config.freeze_rule,
+        may_freeze=int(state.steps) >= config.min_freeze_steps,
         param_count_fn=mb_fn, param_limit=limit)
+    support = new_ista.support_dict
+    report['pairs_changed'] = search_space.changed_pairs(
+        state.ista.support_dict, support)
+    report['pairs_changed_from_start'] = search_space.changed_pairs(
+        ista.support_from_codes(state.x_init, icfg), support)
+    report['code_relative_move'] = float(
+        optax.tree.norm(jax.tree.map(np.subtract, new_ista.b, state.b_prev)) /
+        optax.tree.norm(state.b_prev))
+    report['code_steps'] = int(state.steps)
     arch = ista.architecture_from_codes(new_ista, new_ista.b)
     for cell, alphas in arch.weights.items():
       report[f'alpha_norm_{cell}'] = float(np.sqrt(sum(
@@ -148,7 +201,9 @@ def make_component(config: ml_collections.ConfigDict,
     report['frozen_nodes'] = int(sum(sum(f) for f in report['frozen'].values()))
     report['candidate_support'] = json.loads(search_space.support_to_genotype(
         report['candidate_support']).to_json())
-    return state.replace(ista=new_ista), report
+    return (state.replace(ista=new_ista,
+                          b_prev=jax.tree.map(np.array, new_ista.b)),
+            report)
 
   def export(state: NASState | None, reports: list[dict]) -> dict[str, Any]:
     del state  # the searched genotype is the run's, written by the loop
@@ -165,7 +220,19 @@ def make_component(config: ml_collections.ConfigDict,
       search_done=lambda s: ista.all_frozen(s.ista),
       fixed_architecture=final_architecture,
       restore=lambda s: s.replace(ista=ista.sync_support(s.ista)),
-      export=export)
+      export=export, summary=summary)
+
+
+def summary(state: NASState, reports: list[dict]) -> str:
+  """One line on how far the search moved (for the run log)."""
+  pairs = sum(len(node) for cell in state.ista.support_dict.values()
+              for node in cell)
+  changes = sum(bool(r['support_changed']) for r in reports)
+  moved = reports[-1]['pairs_changed_from_start'] if reports else 0
+  frozen = reports[-1]['frozen_nodes'] if reports else 0
+  return (f'support changed {changes} times in {len(reports)} epochs, '
+          f'{moved} of {pairs} pairs differ from the start, {frozen} nodes '
+          'frozen')
 
 
 def final_architecture(state: NASState) -> search_space.Architecture:

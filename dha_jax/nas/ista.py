@@ -15,11 +15,17 @@ architecture weights of one ISTA step from x̂ on the fixed support S (Eq. 7)
 
     α_S = x̂_S + A_Sᵀ (b − A_S x̂_S),   α_{∉S} = 0,
 
-which is linear in b, so ∂α_S/∂b = A_Sᵀ is what trains b.
+which is linear in b, so ∂α_S/∂b = A_Sᵀ is what trains b. Optionally
+(`IstaConfig.alpha_norm='mean_abs'`, a deviation) each node's α is divided by
+its mean absolute value (Eq. 7'), which makes the network's output independent
+of b's scale: b can then start at the reference's scale 1e-3, where b's Adam
+steps move it as much relative to itself as in the reference, without the
+near-zero α that a short run cannot grow out of.
 
 Once per epoch (`recover`, host side) x̂ is recovered for the nodes still
-searching, a node whose x̂ moved by at most `dist_limit` freezes, and the new
-support (top-2 edges per node) must satisfy the resource constraint (Eq. 1).
+searching, a node whose x̂ moved by at most `dist_limit` freezes (absolutely,
+as the reference, or relative to ‖x̂‖; `FREEZE_RULES`), and the new support
+(top-2 edges per node) must satisfy the resource constraint (Eq. 1).
 
 Deviations from the reference code (docs/fidelity.md, 'NAS' and 'Known bugs
 of the official code'):
@@ -74,6 +80,12 @@ DEFAULT_LAM = DEFAULT_PROJ_DIMS * REFERENCE_LASSO_ALPHA
 DEFAULT_MAX_ITERS = 100_000
 # Relative: stop when ‖x_{k+1} − x_k‖ ≤ tol·‖x_{k+1}‖.
 DEFAULT_TOL = 1e-8
+# How α of a node is scaled for the forward pass (`architecture_from_codes`):
+# 'none' is Eq. 7 as the reference; 'mean_abs' divides by mean|α_node|.
+ALPHA_NORMS = ('none', 'mean_abs')
+# The freezing test of `recover`: 'absolute' ‖x_new − x_last‖ ≤ dist_limit
+# (the reference) or 'relative' ‖x_new − x_last‖ ≤ dist_limit·‖x_new‖.
+FREEZE_RULES = ('absolute', 'relative')
 
 PerNode = tuple[jax.Array, ...]  # one entry per intermediate node
 
@@ -266,6 +278,7 @@ class IstaConfig:
     accelerated: FISTA (True) or ISTA (False).
     k_edges: input edges each node keeps.
     excluded_ops: ops never put on the support.
+    alpha_norm: one of `ALPHA_NORMS` (see `architecture_from_codes`).
   """
   ops: tuple[str, ...] = search_space.ISTA_PRIMITIVES
   proj_dims: int = DEFAULT_PROJ_DIMS
@@ -276,8 +289,12 @@ class IstaConfig:
   accelerated: bool = True
   k_edges: int = DEFAULT_K_EDGES
   excluded_ops: tuple[str, ...] = (search_space.NONE_OP,)
+  alpha_norm: str = 'none'
 
   def __post_init__(self):
+    if self.alpha_norm not in ALPHA_NORMS:
+      raise ValueError(f'IstaConfig: alpha_norm must be one of {ALPHA_NORMS}, '
+                       f'got {self.alpha_norm!r}')
     object.__setattr__(self, 'ops', tuple(self.ops))
     object.__setattr__(self, 'excluded_ops', tuple(self.excluded_ops))
     if not set(self.ops) - set(self.excluded_ops):
@@ -394,6 +411,11 @@ def architecture_from_codes(state: IstaState, b: dict[str, PerNode]
                             ) -> Architecture:
   """The child network's architecture: α of every node by Eq. 7.
 
+  With `config.alpha_norm='mean_abs'` each node's α on its support is
+  divided by its mean absolute value (Eq. 7'): α_S / mean|α_S|, so that the
+  α of b and of c·b (c > 0) are nearly equal (exactly when x̂ scales with b)
+  and the network's output does not shrink with b's scale.
+
   Jittable; differentiable in `b`. The output's tree structure holds the
   state's support, so a jitted step taking the result retraces exactly when
   the support changes. Frozen nodes use the same formula: keeping their b
@@ -416,9 +438,17 @@ def architecture_from_codes(state: IstaState, b: dict[str, PerNode]
       mask[idx] = True
       alpha = project_alpha(state.A[cell][i], b[cell][i], state.x[cell][i],
                             mask)
-      alphas.append(alpha[idx])
+      alphas.append(_normalise(alpha[idx], state.config.alpha_norm))
     weights[cell] = alphas
   return search_space.make_architecture(state.support_dict, weights)
+
+
+def _normalise(alpha: jax.Array, alpha_norm: str) -> jax.Array:
+  if alpha_norm == 'none':
+    return alpha
+  scale = jnp.mean(jnp.abs(alpha))
+  # An all-zero α (b = 0 and x̂ = 0) stays zero instead of becoming NaN.
+  return alpha / jnp.where(scale > 0, scale, 1.0)
 
 
 def zero_frozen(state: IstaState, tree: dict[str, PerNode]
@@ -441,6 +471,8 @@ def all_frozen(state: IstaState) -> bool:
 def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
             epoch: int,
             dist_limit: float = DEFAULT_DIST_LIMIT,
+            freeze_rule: str = 'absolute',
+            may_freeze: bool = True,
             param_count_fn: Callable[[dict[str, CellSupport]], float]
             | None = None,
             param_limit: float | None = None,
@@ -459,7 +491,11 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
     state: the current state.
     b: the current codes; `state.b` when None. The returned state holds it.
     epoch: the epoch that just ended (0-based).
-    dist_limit: the freezing threshold on ‖x_new − x_last‖₂.
+    dist_limit: the freezing threshold on ‖x_new − x_last‖₂ (absolute) or
+      on ‖x_new − x_last‖₂ / ‖x_new‖₂ (relative).
+    freeze_rule: one of `FREEZE_RULES`.
+    may_freeze: False forbids freezing in this call (e.g. before b has
+      trained for a minimum number of steps).
     param_count_fn: maps a candidate support {cell: CellSupport} to the
       constrained resource (e.g. parameters in MB); None: no constraint.
     param_limit: the resource budget; needed iff `param_count_fn` is given.
@@ -467,6 +503,7 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
   Returns:
     (new_state, report). The report holds `distances` {cell: [float | None]}
     (None for nodes frozen before this call), `ista_iters` {cell: [int|None]},
+    `relative_distances` {cell: [float | None]} (over ‖x_new‖₂),
     `unconverged` [[cell, node]] (recoveries that hit max_iters),
     `newly_frozen` [[cell, node]], `frozen` {cell: [bool]}, `all_frozen`,
     `param_count` (float | None), `refused`, `support_changed` and
@@ -475,27 +512,35 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
   if (param_count_fn is None) != (param_limit is None):
     raise ValueError('recover: pass both param_count_fn and param_limit to '
                      'apply the resource constraint, or neither')
+  if freeze_rule not in FREEZE_RULES:
+    raise ValueError(f'recover: freeze_rule must be one of {FREEZE_RULES}, '
+                     f'got {freeze_rule!r}')
   b = state.b if b is None else b
   chex.assert_trees_all_equal_shapes(b, state.b)
   config = state.config
-  x_new, distances, iters, unconverged, frozen, newly_frozen = (
-      {}, {}, {}, [], {}, [])
+  x_new, distances, relative, iters, unconverged, frozen, newly_frozen = (
+      {}, {}, {}, {}, [], {}, [])
   for cell in CELL_TYPES:
-    x_new[cell], distances[cell], iters[cell], frozen[cell] = [], [], [], []
+    x_new[cell], distances[cell], relative[cell] = [], [], []
+    iters[cell], frozen[cell] = [], []
     for i in range(NUM_NODES):
       x_last = state.x[cell][i]
       if bool(state.frozen[cell][i]):
         x_new[cell].append(x_last)
         distances[cell].append(None)
+        relative[cell].append(None)
         iters[cell].append(None)
         frozen[cell].append(True)
         continue
       result = _solve(state.A[cell][i], b[cell][i], config)
-      dist = float(np.linalg.norm(result.x.astype(np.float64) -
-                                  np.asarray(x_last, np.float64)))
-      freeze = epoch > 0 and dist <= dist_limit
+      x_i = result.x.astype(np.float64)
+      dist = float(np.linalg.norm(x_i - np.asarray(x_last, np.float64)))
+      rel = dist / max(float(np.linalg.norm(x_i)), np.finfo(np.float64).tiny)
+      measured = rel if freeze_rule == 'relative' else dist
+      freeze = may_freeze and epoch > 0 and measured <= dist_limit
       x_new[cell].append(jnp.asarray(result.x))
       distances[cell].append(dist)
+      relative[cell].append(rel)
       iters[cell].append(int(result.num_iters))
       if not bool(result.converged):
         unconverged.append([cell, i])
@@ -518,6 +563,7 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
   report = {
       'epoch': epoch,
       'distances': distances,
+      'relative_distances': relative,
       'ista_iters': iters,
       'unconverged': unconverged,
       'newly_frozen': [] if refused else newly_frozen,

@@ -144,6 +144,35 @@ def dense_support(ops: Sequence[str]) -> dict[str, CellSupport]:
   return {c: tuple(node(n) for n in range(NUM_NODES)) for c in CELL_TYPES}
 
 
+def changed_pairs(before: dict[str, CellSupport],
+                  after: dict[str, CellSupport]) -> int:
+  """How many (edge, op) pairs of `after` are not in `before`, over all
+  nodes of all cells (0 when the supports are equal; 16 pairs in all for
+  two pairs per node)."""
+  return sum(len(set(new) - set(old))
+             for cell in CELL_TYPES
+             for old, new in zip(before[cell], after[cell]))
+
+
+def random_genotype(rng: np.random.Generator,
+                    ops: Sequence[str] = ISTA_PRIMITIVES) -> Genotype:
+  """A genotype drawn uniformly from the space the ISTA search selects in.
+
+  Every node of both cells keeps two distinct input edges, drawn uniformly,
+  each with an op drawn uniformly from `ops` (the baseline of a search:
+  random architectures of the same space).
+  """
+  support = {}
+  for cell in CELL_TYPES:
+    nodes = []
+    for node in range(NUM_NODES):
+      edges = rng.choice(num_edges(node), size=2, replace=False)
+      nodes.append(tuple(sorted((int(e), str(ops[rng.integers(len(ops))]))
+                                for e in edges)))
+    support[cell] = tuple(nodes)
+  return support_to_genotype(support)
+
+
 @flax.struct.dataclass
 class Architecture:
   """An architecture as a PyTree: static support, α values as leaves.

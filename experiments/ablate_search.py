@@ -1,0 +1,427 @@
+"""Does each search beat its baseline? NAS, DA and HPO under one budget.
+
+Each learned component is compared with the baseline it replaces, with
+everything else identical (data, network width and depth, steps, seeds,
+`configs/default.py`'s short-run search dynamics):
+
+  NAS  the genotype that `ista_one_stage` searched, trained from scratch in
+       `train` mode, against 5 genotypes drawn at random from the same space
+       (`search_space.random_genotype`), each trained the same way;
+  DA   `nas_da` (τ learned) against `nas_da` with τ frozen at uniform
+       (`da.policy_lr=0`: uniform RandAugment over pairs) and against
+       `ista_one_stage` (no DA);
+  HPO  `nas_hpo` (η learned) against `ista_one_stage` (the config's fixed
+       schedule: constant during the search, cosine after it).
+
+Datasets: scikit-learn's digits (offline) and a class-balanced CIFAR-10
+subset from the image-folder zip (`--cifar10`, default
+experiments/paths.CIFAR10_ZIP). Seeds 0, 1, 2. Every run is
+`python -m dha_jax.main` in its own process and workdir,
+`--out/<dataset>/seed<seed>/<arm>`; a finished run (summary.json) is never
+rerun and an interrupted one resumes from its checkpoint, so the command can
+be repeated across sessions until everything ran. Order: dataset, then seed,
+then arm, so that a cut-short campaign has whole seeds.
+
+Nothing is selected on the test set: every arm is a fixed setting, and the
+summary reports accuracy on the HPO split (held out from training) beside
+the test accuracy; changes to the search dynamics are chosen on the former.
+
+  python -m experiments.ablate_search                  # the whole campaign
+  python -m experiments.ablate_search --datasets digits --seeds 0 \
+    --digits-steps 6 --search-epochs 1 --random-genotypes 1 \
+    --set dataset.image_size=8 --set model.channels=4 --set model.layers=2 \
+    --out /tmp/ablate_smoke --report-dir /tmp/ablate_smoke  # a smoke test
+
+Writes the section between `<!-- ablate:begin -->` and `<!-- ablate:end -->`
+of `--report-dir`/RESULTS.md and `ablate_search.json` (every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from dha_jax import train
+from dha_jax.nas import search_space
+from experiments import reproduce
+from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT, WORKDIRS
+
+BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'default.py')
+DEFAULT_OUT = os.path.join(WORKDIRS, 'ablate_search')
+BEGIN_MARKER = '<!-- ablate:begin -->'
+END_MARKER = '<!-- ablate:end -->'
+RESULTS_JSON = 'ablate_search.json'
+DATASETS = ('digits', 'cifar10')
+PERCENT = 100.0
+# One thread per process when several run at once: small networks use a
+# second core poorly, a second process uses it fully.
+SINGLE_THREAD_XLA = ('--xla_cpu_multi_thread_eigen=false '
+                     'intra_op_parallelism_threads=1')
+LOG_EVERY_STEPS = 20
+CHECKPOINT_EVERY_STEPS = 50
+
+SEARCH, SEARCHED = 'search', 'searched'
+DA_LEARNED, DA_UNIFORM = 'da_learned', 'da_uniform'
+HPO_LEARNED = 'hpo_learned'
+RANDOM_PREFIX = 'random'
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One setting of the campaign.
+
+  Attributes:
+    name: the workdir name.
+    mode: `config.mode`.
+    overrides: more `field=value` settings.
+    genotype: for `train` arms: SEARCHED (the search arm's genotype.json)
+      or the index of a random genotype.
+  """
+  name: str
+  mode: str
+  overrides: tuple[str, ...] = ()
+  genotype: str | int | None = None
+
+
+def arms(random_genotypes: int) -> tuple[Arm, ...]:
+  """The arms of one (dataset, seed), dependencies first."""
+  return ((Arm(SEARCH, 'ista_one_stage'),
+           Arm(DA_LEARNED, 'nas_da'),
+           Arm(DA_UNIFORM, 'nas_da', ('da.policy_lr=0.0',)),
+           Arm(HPO_LEARNED, 'nas_hpo'),
+           Arm(SEARCHED, 'train', genotype=SEARCHED))
+          + tuple(Arm(f'{RANDOM_PREFIX}{k}', 'train', genotype=k)
+                  for k in range(random_genotypes)))
+
+
+# (learned arm, baseline arms) of each comparison; 'random' stands for every
+# random-genotype arm.
+COMPARISONS = (
+    ('NAS', SEARCHED, (RANDOM_PREFIX,)),
+    ('DA', DA_LEARNED, (DA_UNIFORM, SEARCH)),
+    ('HPO', HPO_LEARNED, (SEARCH,)),
+)
+BASELINE_NAMES = {RANDOM_PREFIX: 'random genotypes', DA_UNIFORM: 'τ uniform',
+                  SEARCH: 'no DA / fixed schedule'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What every run of a dataset gets."""
+  digits_steps: int = 200
+  cifar10_steps: int = 250
+  # Epochs of the training split: the search recovers its support once per
+  # epoch (digits: 20 steps; the CIFAR-10 subset: 28).
+  search_epochs: int = 3
+  cifar10_train_examples: int = 2_000
+  cifar10_test_examples: int = 2_000
+  cifar10_image_size: int = 16
+
+
+def dataset_overrides(dataset: str, budget: Budget, cifar10: str
+                      ) -> list[str]:
+  """Settings of a dataset on top of configs/default.py."""
+  if dataset == 'digits':
+    return [f'num_train_steps={budget.digits_steps}']
+  return ['dataset.source=image_folder', f'dataset.path={cifar10}',
+          f'dataset.image_size={budget.cifar10_image_size}',
+          f'dataset.max_train_examples={budget.cifar10_train_examples}',
+          f'dataset.max_test_examples={budget.cifar10_test_examples}',
+          'preprocess.flip=True', f'num_train_steps={budget.cifar10_steps}']
+
+
+def workdir_of(out: str, dataset: str, seed: int, arm: str) -> str:
+  return os.path.join(out, dataset, f'seed{seed}', arm)
+
+
+def genotype_path(out: str, dataset: str, seed: int, arm: Arm) -> str:
+  """The genotype.json a `train` arm trains (written on first use)."""
+  if arm.genotype == SEARCHED:
+    return os.path.join(workdir_of(out, dataset, seed, SEARCH),
+                        train.GENOTYPE_FILE)
+  path = os.path.join(out, dataset, f'seed{seed}',
+                      f'{RANDOM_PREFIX}{arm.genotype}.genotype.json')
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng((seed, arm.genotype))
+    train.write_text_atomic(
+        path, search_space.random_genotype(rng).to_json())
+  return path
+
+
+def command(args: argparse.Namespace, budget: Budget, dataset: str,
+            seed: int, arm: Arm) -> list[str]:
+  fields = ([f'mode={arm.mode}', f'seed={seed}',
+             f'nas.search_epochs={budget.search_epochs}',
+             f'log_every_steps={LOG_EVERY_STEPS}',
+             f'checkpoint_every_steps={CHECKPOINT_EVERY_STEPS}']
+            + dataset_overrides(dataset, budget, args.cifar10)
+            + list(arm.overrides) + list(args.set))
+  if arm.genotype is not None:
+    fields.append(f'model.genotype={genotype_path(args.out, dataset, seed, arm)}')
+  return ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
+           f'--workdir={workdir_of(args.out, dataset, seed, arm.name)}']
+          + [f'--config.{f}' for f in fields])
+
+
+def _finished(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
+
+
+def run_campaign(args: argparse.Namespace, budget: Budget) -> None:
+  """Runs every unfinished (dataset, seed, arm), `args.jobs` at a time.
+
+  Within a (dataset, seed) the `train` arm of the searched genotype waits
+  for its search.
+  """
+  env = dict(os.environ)
+  if args.jobs > 1:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' '
+                        + SINGLE_THREAD_XLA).strip()
+  start = time.time()
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    for dataset in args.datasets:
+      for seed in args.seeds:
+        pending = [a for a in arms(args.random_genotypes)
+                   if not _finished(workdir_of(args.out, dataset, seed,
+                                               a.name))]
+        waves = ([a for a in pending if a.genotype != SEARCHED],
+                 [a for a in pending if a.genotype == SEARCHED])
+        for wave in waves:
+          futures = {pool.submit(_run, args, budget, dataset, seed, a, env): a
+                     for a in wave}
+          for future in concurrent.futures.as_completed(futures):
+            arm = futures[future]
+            rc, seconds = future.result()
+            print(f'[{reproduce.clock(time.time() - start)}] {dataset} seed '
+                  f'{seed} {arm.name}: '
+                  + ('done' if rc == 0 else f'FAILED (exit {rc})')
+                  + f' in {reproduce.clock(seconds)}', flush=True)
+
+
+def _run(args, budget, dataset, seed, arm, env) -> tuple[int, float]:
+  workdir = workdir_of(args.out, dataset, seed, arm.name)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  rc = reproduce.run_one(workdir, command(args, budget, dataset, seed, arm),
+                         env=env)
+  return rc, time.time() - start
+
+
+# ------------------------------------------------------------- the report
+def _records(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def run_record(args: argparse.Namespace, dataset: str, seed: int, arm: Arm
+               ) -> dict[str, Any]:
+  """A run's results and search diagnostics, or its status."""
+  workdir = workdir_of(args.out, dataset, seed, arm.name)
+  record = {'dataset': dataset, 'seed': seed, 'arm': arm.name,
+            'mode': arm.mode, 'overrides': list(arm.overrides),
+            'workdir': os.path.relpath(workdir, REPO_ROOT)}
+  summary = reproduce.read_json(os.path.join(workdir, train.SUMMARY_FILE))
+  if summary is None:
+    record['status'] = 'not run' if not os.path.exists(workdir) else (
+        'unfinished')
+    return record
+  metrics = _records(os.path.join(workdir, train.METRICS_FILE))
+  nas = [r for r in metrics if r['phase'] == 'nas_epoch']
+  da = [r for r in metrics if r['phase'] == 'da_epoch']
+  hpo = [r for r in metrics if r['phase'] == 'hpo_epoch']
+  record.update(
+      status='finished', test_accuracy=summary['test_accuracy'],
+      hpo_accuracy=summary['hpo_accuracy'],
+      wall_seconds=summary['wall_seconds'],
+      genotype={k: summary['genotype'][k] for k in ('normal', 'reduce')})
+  if nas:
+    record.update(
+        support_changes=sum(bool(r['support_changed']) for r in nas),
+        pairs_changed_from_start=nas[-1]['pairs_changed_from_start'],
+        frozen_nodes=nas[-1]['frozen_nodes'])
+  if da:
+    record.update(tau_entropy=da[-1]['entropy'],
+                  tau_kl_from_uniform=da[-1]['kl_from_uniform'],
+                  tau_top_pair=da[-1]['top_pair'])
+  if hpo:
+    record.update(final_learning_rate=hpo[-1]['learning_rate'],
+                  final_weight_decay=hpo[-1]['weight_decay'])
+  return record
+
+
+def _values(records, dataset, arm_prefix, key) -> list[float]:
+  return [r[key] for r in records
+          if r['dataset'] == dataset and r['status'] == 'finished'
+          and (r['arm'] == arm_prefix or (arm_prefix == RANDOM_PREFIX and
+                                          r['arm'].startswith(RANDOM_PREFIX)))]
+
+
+def verdict(learned: Sequence[float], baseline: Sequence[float]) -> str:
+  """'beats', 'loses' or 'tie': the difference of the means against the
+  larger sample sd (a difference within one sd is a tie)."""
+  if len(learned) < 2 or len(baseline) < 2:
+    return 'too few runs'
+  diff = statistics.fmean(learned) - statistics.fmean(baseline)
+  sd = max(statistics.stdev(learned), statistics.stdev(baseline))
+  if diff > sd:
+    return f'beats by {diff * PERCENT:.2f} (> 1 sd = {sd * PERCENT:.2f})'
+  if diff < -sd:
+    return f'loses by {-diff * PERCENT:.2f} (> 1 sd = {sd * PERCENT:.2f})'
+  return f'tie: {diff * PERCENT:+.2f}, within 1 sd = {sd * PERCENT:.2f}'
+
+
+def comparison_table(records: Sequence[dict[str, Any]], dataset: str) -> str:
+  head = ['component', 'learned', 'test acc. % (HPO split %)', 'baseline',
+          'test acc. % (HPO split %)', 'learned vs baseline (test)']
+  rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for component, learned, baselines in COMPARISONS:
+    ours = _values(records, dataset, learned, 'test_accuracy')
+    ours_hpo = _values(records, dataset, learned, 'hpo_accuracy')
+    for base in baselines:
+      theirs = _values(records, dataset, base, 'test_accuracy')
+      theirs_hpo = _values(records, dataset, base, 'hpo_accuracy')
+      rows.append('| ' + ' | '.join([
+          component, f'`{learned}`',
+          f'{reproduce.format_mean_sd(ours)} '
+          f'({reproduce.format_mean_sd(ours_hpo)})',
+          BASELINE_NAMES[base],
+          f'{reproduce.format_mean_sd(theirs)} '
+          f'({reproduce.format_mean_sd(theirs_hpo)})',
+          verdict(ours, theirs)]) + ' |')
+  return '\n'.join(rows)
+
+
+def runs_table(records: Sequence[dict[str, Any]], dataset: str) -> str:
+  head = ['seed', 'arm', 'mode', 'status', 'test %', 'HPO split %',
+          'support changes', 'pairs moved', 'τ entropy', 'final lr',
+          'wall (min)']
+  rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  fmt = lambda r, k, f: f.format(r[k]) if k in r else '—'
+  for r in records:
+    if r['dataset'] != dataset:
+      continue
+    done = r['status'] == 'finished'
+    rows.append('| ' + ' | '.join([
+        str(r['seed']), r['arm'], f"`{r['mode']}`", r['status'],
+        f"{r['test_accuracy'] * PERCENT:.2f}" if done else '—',
+        f"{r['hpo_accuracy'] * PERCENT:.2f}" if done else '—',
+        fmt(r, 'support_changes', '{}'),
+        fmt(r, 'pairs_changed_from_start', '{}'),
+        fmt(r, 'tau_entropy', '{:.3f}'), fmt(r, 'final_learning_rate',
+                                             '{:.4f}'),
+        f"{r['wall_seconds'] / 60:.1f}" if done else '—']) + ' |')
+  return '\n'.join(rows)
+
+
+def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
+                budget: Budget) -> str:
+  finished = [r for r in records if r['status'] == 'finished']
+  lines = [
+      '### Searches against their baselines (`experiments/ablate_search.py`)',
+      '',
+      f'Written by `python -m experiments.ablate_search {" ".join(args.argv)}`'
+      .rstrip() + f' on {datetime.date.today().isoformat()} '
+      f'({reproduce.machine()}, {args.jobs} run(s) at a time).',
+      f'{len(finished)} of {len(records)} runs finished. Budget: '
+      f'{json.dumps(dataclasses.asdict(budget))}; configs/default.py '
+      'otherwise (digits: 16 px; CIFAR-10: a class-balanced subset, '
+      f'{budget.cifar10_image_size} px, flips). Accuracy in %, mean ± sample '
+      'sd over seeds (random genotypes: over every genotype and seed); in '
+      'brackets the accuracy on the HPO split, on which any choice is made.',
+  ]
+  for dataset in args.datasets:
+    lines += ['', f'**{dataset}**', '', comparison_table(records, dataset),
+              '', 'Every run:', '', runs_table(records, dataset)]
+  return '\n'.join(lines)
+
+
+def write_reports(records: Sequence[dict[str, Any]],
+                  args: argparse.Namespace, budget: Budget) -> None:
+  os.makedirs(args.report_dir, exist_ok=True)
+  md_path = os.path.join(args.report_dir, reproduce.RESULTS_MD)
+  text = ''
+  if os.path.exists(md_path):
+    with open(md_path) as f:
+      text = f.read()
+  text = reproduce.replace_section(text, report_body(records, args, budget),
+                                   BEGIN_MARKER, END_MARKER)
+  train.write_text_atomic(md_path, text)
+  train.write_json_atomic(os.path.join(args.report_dir, RESULTS_JSON), {
+      'command': ['python', '-m', 'experiments.ablate_search', *args.argv],
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'machine': reproduce.machine(), 'budget': dataclasses.asdict(budget),
+      'runs': list(records)})
+
+
+# ------------------------------------------------------------------ main
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  defaults = Budget()
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n', 1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--cifar10', default=CIFAR10_ZIP,
+                      help='CIFAR-10 image-folder zip or directory')
+  parser.add_argument('--out', default=DEFAULT_OUT,
+                      help="parent of the runs' workdirs (resumable)")
+  parser.add_argument('--report-dir', default=EXPERIMENTS_DIR)
+  parser.add_argument('--datasets', default=','.join(DATASETS),
+                      type=lambda s: [d for d in s.split(',') if d])
+  parser.add_argument('--seeds', default='0,1,2',
+                      type=lambda s: [int(x) for x in s.split(',') if x])
+  parser.add_argument('--random-genotypes', type=int, default=5)
+  parser.add_argument('--jobs', type=int, default=2,
+                      help='runs at a time (each on one XLA thread if > 1)')
+  for field in dataclasses.fields(Budget):
+    parser.add_argument(f"--{field.name.replace('_', '-')}", type=int,
+                        default=getattr(defaults, field.name))
+  parser.add_argument('--set', action='append', default=[],
+                      metavar='FIELD=VALUE',
+                      help='another config override for every run')
+  parser.add_argument('--report-only', action='store_true')
+  args = parser.parse_args(argv)
+  unknown = sorted(set(args.datasets) - set(DATASETS))
+  if unknown:
+    parser.error(f'unknown datasets {unknown}; choose from {DATASETS}')
+  args.argv = list(argv)
+  args.out = os.path.abspath(args.out)
+  args.cifar10 = os.path.abspath(args.cifar10)
+  return args
+
+
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  budget = Budget(**{f.name: getattr(args, f.name)
+                     for f in dataclasses.fields(Budget)})
+  if ('cifar10' in args.datasets and not args.report_only
+      and not os.path.exists(args.cifar10)):
+    print(f'error: no CIFAR-10 data at {args.cifar10}; pass --cifar10 PATH '
+          'of the image-folder zip, or --datasets digits.', file=sys.stderr)
+    return 1
+  if not args.report_only:
+    try:
+      run_campaign(args, budget)
+    except KeyboardInterrupt:
+      print('Interrupted: rerun the same command to resume.', file=sys.stderr)
+      return 130
+  records = [run_record(args, d, s, a) for d in args.datasets
+             for s in args.seeds for a in arms(args.random_genotypes)]
+  write_reports(records, args, budget)
+  print(report_body(records, args, budget))
+  return 0 if all(r['status'] == 'finished' for r in records) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
