@@ -54,10 +54,14 @@ import numpy as np
 from dha_jax import train
 from dha_jax.nas import search_space
 from experiments import reproduce
-from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT, WORKDIRS
+from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT
 
 BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'default.py')
-DEFAULT_OUT = os.path.join(WORKDIRS, 'ablate_search')
+# Inside the repository: the small files of finished runs (summary.json,
+# metrics.jsonl, config.json, genotype.json, logs) are committed between
+# sessions, so a campaign resumes on a fresh clone; checkpoints, models and
+# plots are ignored (.gitignore).
+DEFAULT_OUT = os.path.join(EXPERIMENTS_DIR, 'ablate_search_runs')
 BEGIN_MARKER = '<!-- ablate:begin -->'
 END_MARKER = '<!-- ablate:end -->'
 RESULTS_JSON = 'ablate_search.json'
