@@ -57,10 +57,11 @@ from experiments import reproduce
 from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT
 
 BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'default.py')
-# Inside the repository: the small files of finished runs (summary.json,
-# metrics.jsonl, config.json, genotype.json, logs) are committed between
-# sessions, so a campaign resumes on a fresh clone; checkpoints, models and
-# plots are ignored (.gitignore).
+# Inside the repository: the results of finished runs (summary.json,
+# metrics.jsonl, genotype.json and the random genotypes) are committed
+# between sessions, so a campaign resumes on a fresh clone; checkpoints,
+# models, plots, logs and config.json (which hold local paths) are ignored
+# (.gitignore), so an unfinished run restarts from scratch there.
 DEFAULT_OUT = os.path.join(EXPERIMENTS_DIR, 'ablate_search_runs')
 BEGIN_MARKER = '<!-- ablate:begin -->'
 END_MARKER = '<!-- ablate:end -->'
