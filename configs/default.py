@@ -129,9 +129,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.nas.min_freeze_steps = 40
   config.nas.search_epochs = 4
   # Adam on τ moves its logits ~policy_lr per step; the paper's SGD needs
-  # ~10⁵ steps to leave uniform (dha_jax/augment/component.py).
+  # ~10⁵ steps to leave uniform (dha_jax/augment/component.py). Eq. 2 has
+  # no bound on how far τ goes: at 0.05 it collapsed onto one pair within
+  # 400 steps; 0.01 keeps a logit's total movement within ~4 here.
   config.da.policy_optimizer = 'adam'
-  config.da.policy_lr = 0.05
+  config.da.policy_lr = 0.01
   # The online hypergradient (next training batch, no extra network pass)
   # keeps the default within minutes on a CPU; the paper configs use Eq. 4.
   config.hpo.mode = 'online'

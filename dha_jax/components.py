@@ -41,6 +41,9 @@ declares (so the loop names no component):
   (a search followed by training from scratch). A `.json`
   name maps to a JSON object, a `.png` name to a matplotlib figure; the loop
   writes them into the workdir (DA: policy.json, policy.png).
+* `replaces`: {config field: what sets it instead}, the config fields this
+  component makes ineffective (HPO: θ's learning rate and weight decay);
+  the command line warns when one of them is set.
 * `summary(state, reports) -> str`: host side, when the search phase ends;
   one line on what the component learned in it (NAS: how often the support
   changed; DA: τ's entropy; HPO: η), which the loop logs.
@@ -107,6 +110,7 @@ class Component:
   restore: Callable[[PyTree], PyTree] | None = None
   export: Callable[[PyTree, list[dict]], dict[str, Any]] | None = None
   summary: Callable[[PyTree, list[dict]], str] | None = None
+  replaces: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def component_key(key: jax.Array, name: str) -> jax.Array:

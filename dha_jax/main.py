@@ -4,6 +4,7 @@ Fields of the config are overridden with `--config.field=value`. Everything
 else lives in `dha_jax.train`, which Colab notebooks import directly.
 """
 
+import ast
 import logging as std_logging
 import os
 import sys
@@ -42,6 +43,43 @@ class _QuietLibraries(std_logging.Filter):
             or record.levelno >= std_logging.WARNING)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the flags; a bad flag or config field is one line and exit 2."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises here
+    return remaining
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+          OSError) as e:
+    # A misspelt --config.field raises from inside the config override with
+    # the suggestion ('Did you mean ...') as a quoted message.
+    message = str(e)
+    try:
+      message = ast.literal_eval(message)
+    except (ValueError, SyntaxError):
+      pass
+    message = ' '.join(str(message).split())
+    print(f'error: {message}', file=sys.stderr)
+    print(f'Usage: python -m dha_jax.main --config=configs/<name>.py '
+          '--workdir=DIR [--config.field=value ...]', file=sys.stderr)
+    sys.exit(2)
+
+
+def warn_ignored_overrides(argv: list[str]) -> None:
+  """Warns about `--config.field=...` flags that this mode ignores."""
+  try:
+    ignored = train.ignored_fields(FLAGS.config)
+  except ValueError:
+    return  # an invalid config: train_and_evaluate says why
+  for arg in argv:
+    field = arg.removeprefix('--config.').split('=', 1)[0]
+    if arg.startswith('--config.') and field in ignored:
+      message = (f'--config.{field} has no effect in mode '
+                 f'{FLAGS.config.mode!r}; it is set by {ignored[field]}.')
+      logging.warning('%s', message)
+      print(f'warning: {message}', file=sys.stderr)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -49,15 +87,16 @@ def main(argv):
   logging.info('JAX %s on %d %s device(s).', jax.__version__,
                jax.device_count(), jax.default_backend())
   enable_compilation_cache(FLAGS.config.compilation_cache_dir)
+  warn_ignored_overrides(sys.argv)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (data.DataError, train.RunError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(getattr(e, 'exit_code', 1))
   print(f"test_accuracy {summary['test_accuracy']:.4f} "
         f"(workdir {FLAGS.workdir})")
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

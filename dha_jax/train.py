@@ -19,12 +19,15 @@ leaves a half-written result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import flax.serialization
@@ -49,6 +52,8 @@ SUMMARY_FILE = 'summary.json'
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+# Checkpoints that failed to restore are moved here, never deleted.
+DAMAGED_DIR = 'damaged_checkpoints'
 GENOTYPE_FILE = 'genotype.json'
 DEPLOY_FILE = 'model.msgpack'
 HPARAMS_PLOT = 'hparams.png'
@@ -62,6 +67,42 @@ SEARCH, FIXED, TRAIN = modes.SEARCH, modes.FIXED, modes.TRAIN
 
 class RunError(RuntimeError):
   """A run cannot proceed; the message names the problem and the fix."""
+
+
+class Interrupted(RunError):
+  """SIGINT or SIGTERM stopped the run after saving its current step."""
+
+  def __init__(self, signum: int, step: int):
+    name = signal.Signals(signum).name
+    super().__init__(f'Stopped by {name} at step {step}; its checkpoint is '
+                     'saved. Rerun the same command to resume.')
+    self.exit_code = SIGNAL_EXIT_BASE + signum
+
+
+# A process stopped by signal N exits with 128 + N (the shell's convention).
+SIGNAL_EXIT_BASE = 128
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+  """Records SIGINT / SIGTERM (Ctrl-C, a preempted VM) instead of dying.
+
+  Yields the list of signals received; the loop saves and stops at the end
+  of the step during which one arrived. Outside the main thread (where
+  handlers cannot be installed) nothing is recorded.
+  """
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = {s: signal.signal(s, lambda signum, _: received.append(signum))
+              for s in STOP_SIGNALS}
+  try:
+    yield received
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------ files
@@ -170,6 +211,40 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict
           f'config in {path}.')
   else:
     write_json_atomic(path, current)
+
+
+def ignored_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{config field: what sets it instead} for fields this run ignores:
+  those that a component of every weight-training phase replaces."""
+  spec = modes.mode_spec(config.mode)
+  ctx = modes.BuildContext(search=spec.search, param_shapes=None,
+                           param_count=lambda support: 0)
+  final = [p for p in spec.phases() if p.trains_final_weights]
+  per_phase = []
+  for phase in final:
+    replaced = {}
+    for c in modes.build_components(phase.components, config, ctx):
+      replaced.update(c.replaces)
+    per_phase.append(replaced)
+  common = set.intersection(*(set(r) for r in per_phase)) if per_phase else ()
+  return {k: per_phase[0][k] for k in sorted(common)}
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates the workdir; a file in its place or no permission is a
+  RunError that says so."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise RunError(f'--workdir={workdir} is not a folder ({e.strerror}: '
+                   f'{e.filename}); pass a folder path.') from e
+  except PermissionError as e:
+    raise RunError(f'--workdir={workdir} cannot be written ({e.strerror}: '
+                   f'{e.filename}); pass a folder you may write to.') from e
 
 
 # ------------------------------------------------------------ construction
@@ -492,15 +567,44 @@ def build_phase(run: Run, progress: Progress, state: step_lib.TrainState
 
 def restore_checkpoint(run: Run, manager: ocp.CheckpointManager
                        ) -> tuple[Progress, step_lib.TrainState, int | None]:
-  """The run's latest checkpoint, or its fresh start when there is none.
+  """The newest checkpoint that reads back, or the fresh start.
+
+  A checkpoint that fails to restore (a file deleted or truncated) is moved
+  to workdir/damaged_checkpoints/ with a warning, and the next older one is
+  tried.
 
   Returns:
     (progress, the state on the host, the checkpoint's step or None).
   """
-  latest = manager.latest_step()
-  if latest is None:
-    progress = Progress(phase=run.phases[0].name)
-    return progress, fresh_state(run, 0, progress), None
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _restore_step(run, manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise many types for damaged files.
+      aside = _move_aside(run.workdir, manager, step)
+      logging.warning('The checkpoint of step %d does not read back (%s: '
+                      '%s); moved it to %s and trying an older one.', step,
+                      type(e).__name__, str(e).splitlines()[0][:200], aside)
+  progress = Progress(phase=run.phases[0].name)
+  return progress, fresh_state(run, 0, progress), None
+
+
+def _move_aside(workdir: str, manager: ocp.CheckpointManager,
+                step: int) -> str:
+  damaged = os.path.join(workdir, DAMAGED_DIR)
+  os.makedirs(damaged, exist_ok=True)
+  target = os.path.join(damaged, str(step))
+  suffix = 0
+  while os.path.exists(target):
+    suffix += 1
+    target = os.path.join(damaged, f'{step}.{suffix}')
+  os.replace(os.path.join(workdir, CHECKPOINT_DIR, str(step)), target)
+  manager.reload()
+  return target
+
+
+def _restore_step(run: Run, manager: ocp.CheckpointManager, latest: int
+                  ) -> tuple[Progress, step_lib.TrainState, int]:
   meta = manager.restore(latest, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
   index = phase_index(run, meta['phase'])
@@ -610,16 +714,42 @@ def _search_done(phase: Phase, state: step_lib.TrainState) -> bool:
       for c in phase.components if c.search_done is not None)
 
 
+def _nonfinite_error(writer: MetricsWriter, step: int, what: str,
+                     value: Any, manager: ocp.CheckpointManager) -> RunError:
+  """Records a non-finite value in metrics.jsonl; the error to raise."""
+  writer.write(step, {'phase': 'nonfinite', 'what': what,
+                      'value': str(value)})
+  latest = manager.latest_step()
+  kept = ('no checkpoint was saved' if latest is None else
+          f'the newest checkpoint, of step {latest}, holds finite values')
+  return RunError(
+      f'{what} is {value} at step {step}; {kept} (a non-finite state is '
+      'never saved). Lower the learning rate (or hpo.lr_bounds) or check '
+      'the data, then rerun with a new --workdir.')
+
+
+def _check_window(writer: MetricsWriter, history: list[dict], done: int,
+                  manager: ocp.CheckpointManager) -> None:
+  """Raises at the first step of the window with a non-finite metric."""
+  first = done - len(history) + 1
+  for i, metrics in enumerate(history):
+    for name, value in metrics.items():
+      if not np.isfinite(float(value)):
+        raise _nonfinite_error(writer, first + i, f'The training {name}',
+                               float(value), manager)
+
+
+def _all_finite(tree: Any) -> bool:
+  """Whether every float leaf is finite (on the host: nothing compiles)."""
+  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
+      jax.device_get(tree)) if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
 def _log_window(writer: MetricsWriter, history: list[dict], done: int,
                 phase: Phase, steps_per_epoch: int, window_start: float,
                 window_steps: int) -> None:
   values = {k: float(np.mean([float(m[k]) for m in history]))
             for k in history[0]}
-  if not np.isfinite(values['loss']):
-    raise RunError(
-        f'The training loss is {values["loss"]} at step {done}. The last '
-        'good checkpoint is kept in the workdir; lower the learning rate '
-        'or check the data, then rerun with a new --workdir.')
   rate = window_steps / max(time.time() - window_start, 1e-9)
   eta = (phase.end - done) / max(rate, 1e-9)
   writer.write(done, {'phase': phase.name, 'epoch': done / steps_per_epoch,
@@ -630,11 +760,18 @@ def _log_window(writer: MetricsWriter, history: list[dict], done: int,
 
 
 def _save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
-          progress: Progress) -> None:
-  """Checkpoints the state with the run's progress (once per step)."""
+          progress: Progress, writer: MetricsWriter) -> None:
+  """Checkpoints the state with the run's progress (once per step).
+
+  Raises:
+    RunError: when the state holds a NaN or an infinity (never saved).
+  """
   step = int(state.step)
   if manager.latest_step() == step:
     return
+  if not _all_finite(state):
+    raise _nonfinite_error(writer, step, 'The training state (θ or a '
+                           'component)', 'non-finite', manager)
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       meta=ocp.args.JsonSave(progress.to_json())))
@@ -642,12 +779,14 @@ def _save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
 
 def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
               progress: Progress, manager: ocp.CheckpointManager,
-              writer: MetricsWriter) -> step_lib.TrainState:
+              writer: MetricsWriter, stop: list[int]
+              ) -> step_lib.TrainState:
   """Trains from state.step to the end of `phase` (or until its search is
   done).
 
   Checkpoints at the configured interval, never at the last step of the
-  phase: the caller saves that one with the next phase's progress.
+  phase: the caller saves that one with the next phase's progress. When
+  `stop` holds a signal, saves the current step and raises `Interrupted`.
   """
   config, spe = run.config, run.steps_per_epoch
   train_fn = make_step(run, phase)
@@ -674,6 +813,9 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
       logging.info('First step (with compilation) took %.1f s.',
                    time.time() - window_start)
       window_start, window_steps = time.time(), 0
+    if (done % config.log_every_steps == 0 or done == phase.end
+        or done % config.checkpoint_every_steps == 0):
+      _check_window(writer, history, done, manager)
     if done % config.log_every_steps == 0 or done == phase.end:
       _log_window(writer, history, done, phase, spe, window_start,
                   window_steps)
@@ -685,7 +827,11 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
         logging.info('The search is done at step %d.', done)
         return state
     if done % config.checkpoint_every_steps == 0 and done < phase.end:
-      _save(manager, state, progress)
+      _save(manager, state, progress, writer)
+    if stop and done < phase.end:
+      _check_window(writer, history, done, manager)
+      _save(manager, state, progress, writer)
+      raise Interrupted(stop[0], done)
   return state
 
 
@@ -776,17 +922,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # ---------------------------------------------------- the workdir
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(workdir, config)
   summary_path = os.path.join(workdir, SUMMARY_FILE)
   if os.path.exists(summary_path):
+    check_workdir_config(workdir, config)
     logging.info('%s exists: this run is finished, not retraining.',
                  summary_path)
     with open(summary_path) as f:
       return json.load(f)
 
   # ---------------------------------------------------- set-up
-  run = Run.create(config, workdir)
+  # The whole config is checked before the workdir is touched, so a
+  # rejected command leaves nothing behind that would refuse its fix.
+  try:
+    run = Run.create(config, workdir)
+  except ValueError as e:
+    if isinstance(e, data_lib.DataError):
+      raise
+    raise RunError(f'The config is invalid: {e}') from e
+  make_workdir(workdir)
+  check_workdir_config(workdir, config)
   manager = ocp.CheckpointManager(
       os.path.join(workdir, CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
@@ -802,22 +956,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                param_count(state.params))
 
   # ---------------------------------------------------- the phases
-  while True:
-    phase = build_phase(run, progress, state)
-    state = run_phase(run, phase, parallel.replicate(run.mesh, state),
-                      progress, manager, writer)
-    if phase.spec.searching:
-      log_search_summary(run, phase, state)
-    following = next_progress(run, phase, state, progress)
-    if following is not None and run.phases[
-        phase_index(run, following.phase)].fresh_state:
-      state = fresh_state(run, phase_index(run, following.phase), following)
-    progress = following or progress
-    _save(manager, parallel.replicate(run.mesh, state), progress)
-    if following is None:
-      break
-  manager.wait_until_finished()
-  manager.close()
+  with stop_requests() as stop:
+    try:
+      while True:
+        phase = build_phase(run, progress, state)
+        state = run_phase(run, phase, parallel.replicate(run.mesh, state),
+                          progress, manager, writer, stop)
+        if phase.spec.searching:
+          log_search_summary(run, phase, state)
+        following = next_progress(run, phase, state, progress)
+        if following is not None and run.phases[
+            phase_index(run, following.phase)].fresh_state:
+          state = fresh_state(run, phase_index(run, following.phase), following)
+        progress = following or progress
+        _save(manager, parallel.replicate(run.mesh, state), progress, writer)
+        if following is None:
+          break
+    finally:
+      # Pending asynchronous saves finish (or fail) before the run ends, also
+      # when it ends by an error: no half-written checkpoint is left behind.
+      manager.wait_until_finished()
+      manager.close()
 
   # ---------------------------------------------------- the results
   return write_results(run, writer, state, phase, progress, start_time)

@@ -356,3 +356,11 @@ def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
     data.load_dataset(_tfds_config('no_such_dataset', data_dir=str(tmp_path)))
   with pytest.raises(data.DataError, match='needs dataset.name'):
     data.load_dataset(_tfds_config(''))
+
+
+def test_a_one_class_folder_is_refused_by_name(tmp_path):
+  root = str(tmp_path / 'one')
+  _write_folder(root, classes={'cat': FOLDER_COLOURS['cat']})
+  with pytest.raises(data.DataError, match=r"one/train has 1 class\(es\) "
+                     r"\['cat'\]; a classifier needs at least 2"):
+    data.load_dataset(_folder_config(root))

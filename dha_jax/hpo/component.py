@@ -18,6 +18,13 @@ from dha_jax.components import Component, StepContext
 from dha_jax.hpo import hypergradient as hg
 
 PyTree = Any
+# θ's optimizer fields that η overrides, and the fields that set η instead.
+REPLACED_FIELDS = {
+    'optimizer.learning_rate': 'hpo.init_lr and hpo.lr_bounds',
+    'optimizer.min_learning_rate': 'hpo.lr_bounds',
+    'optimizer.schedule': 'the learned η (hpo.*)',
+    'optimizer.weight_decay': 'hpo.init_wd and hpo.wd_bounds',
+}
 
 
 def make_component(config: ml_collections.ConfigDict, params: PyTree,
@@ -60,4 +67,5 @@ def make_component(config: ml_collections.ConfigDict, params: PyTree,
       name=name, init=lambda key: hg.init_hpo(config, params),
       hyperparams=lambda state: hg.current_hparams(state, config),
       update=update, epoch_end=epoch_end,
-      uses_heldout=config.mode == 'exact', summary=summary)
+      uses_heldout=config.mode == 'exact', summary=summary,
+      replaces=REPLACED_FIELDS)
