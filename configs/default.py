@@ -91,6 +91,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.genotype = 'darts_v2'
   # Final drop-path probability (ramps linearly from 0 over training).
   config.model.drop_path_prob = 0.0
+  # Implementation of the depthwise convs of sep/dil convs: 'grouped'
+  # (feature_group_count, fastest on GPU/TPU), 'shifted' (k² shifted
+  # multiply-adds) or 'block_diagonal' (a dense conv, for few channels);
+  # 'auto' picks by backend and width (dha_jax/nas/depthwise.py). The same
+  # function and parameters whichever is chosen.
+  config.model.depthwise = 'auto'
 
   # ------------------------------------------------------------- optimizer
   config.optimizer = ml_collections.ConfigDict()

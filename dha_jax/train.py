@@ -45,6 +45,7 @@ from dha_jax import plots
 from dha_jax import step as step_lib
 from dha_jax.components import Component, component_key
 from dha_jax.hpo import inner as hpo_inner
+from dha_jax.nas import depthwise
 from dha_jax.nas import network
 from dha_jax.nas import search_space
 
@@ -263,9 +264,10 @@ def load_genotype(spec: str) -> search_space.Genotype:
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> network.DARTSNetwork:
   m = config.model
+  depthwise.check_implementation(m.depthwise)
   return network.DARTSNetwork(num_classes=num_classes, channels=m.channels,
                               layers=m.layers, auxiliary=m.auxiliary,
-                              stem=m.stem)
+                              stem=m.stem, depthwise=m.depthwise)
 
 
 def input_shape(config: ml_collections.ConfigDict,

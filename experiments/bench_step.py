@@ -4,13 +4,24 @@ Both are the search-phase train step of `dha_jax.train.Run` on the same
 network, batch and support: `ista_one_stage` (sparse child network, θ and b
 gradients, Adam on b) and `dha` (plus op-pair sampling and augmentation from
 τ, Eq. 2, and the HPO hypergradient, Eq. 4). The joint ablations `nas_da` and
-`nas_hpo` are timed too, to split the cost. The last line printed is JSON:
+`nas_hpo` are timed too, to split the cost; `train` (in `--modes`) is the
+fixed-architecture step of `--genotype`. The last line printed is JSON:
 
   python -m experiments.bench_step [--channels 8 --layers 5 --batch 16 \
-      --size 32 --hpo-batch 0 --hpo-mode exact]
+      --size 32 --hpo-batch 0 --hpo-mode exact --modes ...]
 
-Keys: `<mode>_step_s`, `<mode>_compile_s`, `dha_over_nas` (the paper's ratio
-is 76.6 / 55.2 = 1.39 GPU hours; target ≤ 1.3 with exact HPO), `hpo_batch`.
+The configuration of the comparison with the official PyTorch code (5 cells,
+C = 8, auxiliary head, batch 96, 32 px, Cutout 16, the support of
+experiments/bench_genotype.json, one core; experiments/RESULTS.md):
+
+  python -m experiments.bench_step --layers 5 --channels 8 --batch 96 \
+      --size 32 --aux 1 --cutout 16 --genotype experiments/bench_genotype.json \
+      --threads 1 --modes train,ista_one_stage,dha
+
+`--depthwise` picks the depthwise conv implementation (default 'auto');
+`--threads all` uses every core. Keys: `<mode>_step_s`, `<mode>_compile_s`,
+`<mode>_images_per_s`, `dha_over_nas` (the paper's ratio is 76.6 / 55.2 =
+1.39 GPU hours; target ≤ 1.3 with exact HPO), `hpo_batch`.
 
 Exact HPO forwards and backpropagates the held-out batch once more per step
 (`--hpo-batch` examples, 0: as many as `--batch`, the reference's CIFAR
@@ -36,11 +47,13 @@ def main() -> None:
     supports.add(r['support'])
     results[f'{mode}_compile_s'] = r['compile_s']
     results[f'{mode}_step_s'] = r['step_s']
-    print(f'{mode}: compile {r["compile_s"]:.1f} s, step {r["step_s"]:.3f} s',
-          flush=True)
+    results[f'{mode}_images_per_s'] = args.batch / r['step_s']
+    print(f'{mode}: compile {r["compile_s"]:.1f} s, step {r["step_s"]:.3f} s, '
+          f'{args.batch / r["step_s"]:.1f} images/s', flush=True)
   if len(supports) != 1:
-    raise RuntimeError('the modes started from different supports; their '
-                       'step times are not comparable')
+    raise RuntimeError('the modes ran on different supports, so their step '
+                       'times are not comparable (with `train` among the '
+                       'modes, give --genotype)')
   if 'dha_step_s' in results and 'ista_one_stage_step_s' in results:
     results['dha_over_nas'] = (results['dha_step_s']
                                / results['ista_one_stage_step_s'])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -19,6 +20,12 @@ from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
 from dha_jax.components import Component, component_key
+from dha_jax.nas import search_space
+
+# One XLA:CPU thread (`--threads 1`): Eigen's pool and XLA's intra-op
+# parallelism both off.
+SINGLE_THREAD_XLA = ('--xla_cpu_multi_thread_eigen=false '
+                     'intra_op_parallelism_threads=1')
 
 BENCH_LR = 0.05
 BENCH_WD = 3e-4
@@ -67,14 +74,33 @@ def _time_step(fn: Any, state: Any, batch: Any, heldout: Any,
 
 def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
   """The network and batch options every benchmark takes, plus `extra`
-  ({option name: default}; '--name' flags with the default's type)."""
+  ({option name: default}; '--name' flags with the default's type).
+
+  `--threads 1` runs XLA:CPU on one thread; it must be parsed before JAX
+  starts its backend, which is why the benchmarks call this first.
+  """
   parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   defaults = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32, 'steps': 5,
-              **extra}
+              'aux': 0, 'cutout': 0, 'genotype': '', 'depthwise': 'auto',
+              'threads': 'all', **extra}
+  helps = {
+      'aux': '1: the auxiliary head (weight 0.4), as DARTS on CIFAR',
+      'cutout': 'side of the Cutout square on training images (0: none)',
+      'genotype': "support of the child network: '' (the search's initial "
+                  "support), 'darts_v2' or a genotype.json",
+      'depthwise': 'model.depthwise: ' + ', '.join(
+          ('auto', 'grouped', 'shifted', 'block_diagonal')),
+      'threads': "XLA:CPU threads: 'all' or '1'"}
   for name, default in defaults.items():
     parser.add_argument(f'--{name.replace("_", "-")}', type=type(default),
-                        default=default)
-  return parser.parse_args()
+                        default=default, help=helps.get(name))
+  args = parser.parse_args()
+  if args.threads not in ('all', '1'):
+    parser.error("--threads is 'all' or '1'")
+  if args.threads == '1':
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                               + SINGLE_THREAD_XLA).strip()
+  return args
 
 
 def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -82,7 +108,9 @@ def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config = default_config.get_config()
   config.model.channels = args.channels
   config.model.layers = args.layers
-  config.model.auxiliary = False
+  config.model.auxiliary = bool(args.aux)
+  config.model.depthwise = args.depthwise
+  config.preprocess.cutout_size = args.cutout
   config.dataset.image_size = args.size
   config.batch_size = args.batch
   return config
@@ -90,7 +118,10 @@ def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 def network_info(args: argparse.Namespace) -> dict[str, Any]:
   return {'channels': args.channels, 'layers': args.layers,
-          'batch': args.batch, 'size': args.size, **machine_info()}
+          'batch': args.batch, 'size': args.size, 'aux': args.aux,
+          'cutout': args.cutout, 'genotype': args.genotype,
+          'depthwise': args.depthwise, 'threads': args.threads,
+          **machine_info()}
 
 
 def random_batch(batch: int, size: int, classes: int = 10,
@@ -109,29 +140,65 @@ def machine_info() -> dict[str, Any]:
           'jax': jax.__version__}
 
 
-def time_search_step(mode: str, args: argparse.Namespace,
-                     hpo_mode: str = 'exact', hpo_batch: int = 0
-                     ) -> dict[str, float]:
-  """Compile and best step seconds of `mode`'s search-phase train step.
+@dataclasses.dataclass
+class StepSetup:
+  """A mode's jitted first-phase train step with its inputs, on one
+  device. `support`: the child network's support (equal across modes)."""
+  fn: Any
+  state: Any
+  batch: Any
+  heldout: Any
+  support: Any
+
+
+def search_step_setup(mode: str, args: argparse.Namespace,
+                      hpo_mode: str = 'exact', hpo_batch: int = 0
+                      ) -> StepSetup:
+  """`mode`'s first-phase train step (the search phase of a search mode,
+  the fixed-genotype step of 'train').
 
   The held-out (HPO) batch has `hpo_batch` examples (0: `args.batch`).
-  'support' is the child network's initial support (equal across modes,
-  whose NAS codes start from the same key).
+  With `args.genotype` set, a search's child network runs on that
+  genotype's pairs instead of its initial support (α by Eq. 7 on them), so
+  that a search step and a fixed-architecture step can be timed on the
+  same ops; 'train' trains that genotype (DARTS-V2 by default).
   """
   config = bench_config(args)
   config.mode = mode
   config.hpo.mode = hpo_mode
   config.heldout_batch_size = hpo_batch
   config.nas.max_iters = 2000
+  if args.genotype:
+    config.model.genotype = args.genotype
   run = train.Run.create(config, workdir='')
   run.mesh = parallel.make_mesh(jax.devices()[:1])
   phase, state = train.first_phase(run)
-  fn = train.make_step(run, phase)
+  if 'nas' in state.components:
+    nas = state.components['nas']
+    if args.genotype:
+      items = tuple(search_space.genotype_to_support(
+          train.load_genotype(args.genotype)).items())
+      nas = nas.replace(ista=nas.ista.replace(support=items))
+      state = state.replace(components={**state.components, 'nas': nas})
+    support = nas.ista.support
+  else:
+    support = tuple(search_space.genotype_to_support(
+        train.load_genotype(config.model.genotype)).items())
   batch = parallel.shard_batch(run.mesh,
                                random_batch(args.batch, args.size))
   heldout = parallel.shard_batch(run.mesh, random_batch(
       run.heldout_batch_size, args.size, seed=1))
-  support = state.components['nas'].ista.support
-  timing = _time_step(fn, parallel.replicate(run.mesh, state), batch, heldout,
+  return StepSetup(fn=train.make_step(run, phase),
+                   state=parallel.replicate(run.mesh, state), batch=batch,
+                   heldout=heldout, support=support)
+
+
+def time_search_step(mode: str, args: argparse.Namespace,
+                     hpo_mode: str = 'exact', hpo_batch: int = 0
+                     ) -> dict[str, float]:
+  """Compile and best step seconds of `mode`'s first-phase train step
+  (`search_step_setup`), and its 'support'."""
+  setup = search_step_setup(mode, args, hpo_mode, hpo_batch)
+  timing = _time_step(setup.fn, setup.state, setup.batch, setup.heldout,
                       args.steps)
-  return {**timing, 'support': support}
+  return {**timing, 'support': setup.support}

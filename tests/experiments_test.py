@@ -12,6 +12,7 @@ from dha_jax import train
 from dha_jax.nas import search_space as ss
 from experiments import ablate_search
 from experiments import landscape
+from experiments import profile_step
 from experiments import reproduce
 
 
@@ -256,3 +257,37 @@ def test_ablate_search_verdict():
       'loses')
   assert ablate_search.verdict([0.8, 0.9], [0.85, 0.86]).startswith('tie')
   assert ablate_search.verdict([0.8], [0.85, 0.86]) == 'too few runs'
+
+
+# ------------------------------------------------------------ profile_step
+HLO = '''HloModule jit_train_step
+
+%fused_computation.1 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %m = f32[4]{0} multiply(%p, %p), metadata={op_name="jit(train_step)/transpose(jvp(DARTSNetwork))/cell0/n0_e1_sep_conv_3x3/SepConv_0/DilConv_0/BatchNorm_0/mul"}
+  ROOT %a = f32[4]{0} add(%m, %p), metadata={op_name="jit(train_step)/transpose(jvp(DARTSNetwork))/cell0/n0_e1_sep_conv_3x3/SepConv_0/DilConv_0/Conv_0/add"}
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %convolution.3 = f32[4]{0} convolution(%x, %x), feature_group_count=4, metadata={op_name="jit(train_step)/jvp(DARTSNetwork)/cell0/n0_e1_dil_conv_3x3/DilConv_0/Conv_0/conv_general_dilated"}
+  %ynn_fusion = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1
+  %copy.2 = f32[4]{0} copy(%x)
+  ROOT %max.1 = f32[4]{0} maximum(%x, %x), metadata={op_name="jit(train_step)/jvp(DARTSNetwork)/cell1/n2_e0_max_pool_3x3/reduce_window_max"}
+}
+'''
+
+
+def test_profile_attributes_thunks_to_source_ops_by_kind():
+  names = profile_step.hlo_op_names(HLO)
+  # A fusion without metadata is charged to its computation's root.
+  assert names['ynn_fusion'].endswith('DilConv_0/Conv_0/add')
+  assert names['copy.2'] == ''
+  totals = {'convolution.3': 3000.0, 'ynn_fusion': 1000.0, 'max.1': 500.0,
+            'copy.2': 250.0, 'ThunkExecutor::Execute': 1e6}
+  kinds, sources = profile_step.breakdown(totals, names, steps=2)
+  assert kinds['depthwise conv'] == {'forward_ms': 1.5, 'backward_ms': 0.5}
+  assert kinds['pools'] == {'forward_ms': 0.25, 'backward_ms': 0.0}
+  assert kinds[profile_step.UNATTRIBUTED]['forward_ms'] == 0.125
+  assert sum(ms for _, ms in sources) == pytest.approx(2.375)
+  assert sources[0] == (names['convolution.3'], 1.5)

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import search_space
 from dha_jax.nas.search_space import Architecture
 
@@ -62,21 +63,26 @@ class ReLUConvBN(nn.Module):
 
 
 class DilConv(nn.Module):
-  """ReLU → depthwise k×k (dilated) → pointwise 1×1 → BN."""
+  """ReLU → depthwise k×k (dilated) → pointwise 1×1 → BN.
+
+  `depthwise` picks the depthwise conv's implementation
+  (`depthwise.IMPLEMENTATIONS`); the parameters are named as with two
+  `nn.Conv`s (Conv_0, Conv_1) whichever it is.
+  """
   features: int
   kernel: int
   stride: int = 1
   dilation: int = 1
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    c_in = x.shape[-1]
     pad = self.dilation * (self.kernel - 1) // 2
     x = nn.relu(x)
-    x = nn.Conv(c_in, (self.kernel, self.kernel), strides=self.stride,
-                padding=pad, kernel_dilation=self.dilation,
-                feature_group_count=c_in, use_bias=False)(x)
-    x = nn.Conv(self.features, (1, 1), use_bias=False)(x)
+    x = depthwise_lib.DepthwiseConv(
+        self.kernel, self.stride, self.dilation, pad, self.depthwise,
+        name='Conv_0')(x)
+    x = nn.Conv(self.features, (1, 1), use_bias=False, name='Conv_1')(x)
     return _bn(train)(x)
 
 
@@ -85,11 +91,14 @@ class SepConv(nn.Module):
   features: int
   kernel: int
   stride: int = 1
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = DilConv(x.shape[-1], self.kernel, self.stride)(x, train)
-    return DilConv(self.features, self.kernel, 1)(x, train)
+    x = DilConv(x.shape[-1], self.kernel, self.stride,
+                depthwise=self.depthwise)(x, train)
+    return DilConv(self.features, self.kernel, 1,
+                   depthwise=self.depthwise)(x, train)
 
 
 class FactorizedReduce(nn.Module):
@@ -124,6 +133,7 @@ class CandidateOp(nn.Module):
   op: str
   features: int
   stride: int
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -137,9 +147,10 @@ class CandidateOp(nn.Module):
     if op == 'skip_connect':
       return x if s == 1 else FactorizedReduce(c)(x, train)
     if op.startswith('sep_conv_'):
-      return SepConv(c, int(op[-1]), s)(x, train)
+      return SepConv(c, int(op[-1]), s, self.depthwise)(x, train)
     if op.startswith('dil_conv_'):
-      return DilConv(c, int(op[-1]), s, dilation=2)(x, train)
+      return DilConv(c, int(op[-1]), s, dilation=2,
+                     depthwise=self.depthwise)(x, train)
     raise ValueError(f'unknown op {op!r}')
 
 
@@ -160,6 +171,7 @@ class Cell(nn.Module):
   reduction: bool
   reduction_prev: bool
   support: search_space.CellSupport
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(self, s0: jax.Array, s1: jax.Array,
@@ -174,7 +186,8 @@ class Cell(nn.Module):
       node = 0.0
       for k, (edge, op) in enumerate(pairs):
         stride = 2 if self.reduction and edge < 2 else 1
-        h = CandidateOp(op, c, stride, name=f'n{i}_e{edge}_{op}')(
+        h = CandidateOp(op, c, stride, self.depthwise,
+                        name=f'n{i}_e{edge}_{op}')(
             states[edge], train)
         is_identity = op == 'skip_connect' and stride == 1
         if train and not is_identity:
@@ -217,6 +230,8 @@ class DARTSNetwork(nn.Module):
     layers: number of cells.
     auxiliary: adds the auxiliary head after cell 2·layers//3 (training only).
     stem: 'cifar' (3×3 conv to 3C) or 'imagenet' (three stride-2 convs).
+    depthwise: the depthwise convs' implementation
+      (`depthwise.IMPLEMENTATIONS`; 'auto' by backend and width).
 
   Call: `apply(variables, x, arch, train=..., drop_path_rate=...)` with
   x float [N, H, W, 3] → (logits [N, classes], aux logits or None). Dropout
@@ -227,6 +242,7 @@ class DARTSNetwork(nn.Module):
   layers: int
   auxiliary: bool = False
   stem: str = 'cifar'
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, arch: Architecture, *, train: bool,
@@ -260,7 +276,8 @@ class DARTSNetwork(nn.Module):
         c_curr *= 2
       cell_type = 'reduce' if reduction else 'normal'
       cell = Cell(c_curr, reduction, reduction_prev,
-                  arch.cell_support(cell_type), name=f'cell{layer}')
+                  arch.cell_support(cell_type), self.depthwise,
+                  name=f'cell{layer}')
       s0, s1 = s1, cell(s0, s1, arch.weights[cell_type], train=train,
                         drop_path_rate=rate)
       reduction_prev = reduction

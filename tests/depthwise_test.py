@@ -1,0 +1,121 @@
+"""Tests of the depthwise conv implementations: one function, three forms."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dha_jax import train
+from dha_jax.nas import depthwise
+from dha_jax.nas import network
+from dha_jax.nas import search_space as ss
+from tests.tiny import tiny_config
+
+# (kernel, stride, dilation, size): every (k, s, d) that DARTS' sep/dil convs
+# use, on even and odd sizes (odd strided sizes test the last window).
+CASES = [(3, 1, 1, 8), (5, 1, 1, 8), (3, 2, 1, 8), (5, 2, 1, 7),
+         (3, 1, 2, 8), (5, 1, 2, 9), (3, 2, 2, 7), (5, 2, 2, 8)]
+OTHER_IMPLS = ('shifted', 'block_diagonal')
+
+
+def _loss(impl, stride, dilation, padding):
+  def loss(x, kernel):
+    y = depthwise.depthwise_conv(x, kernel, stride=stride, dilation=dilation,
+                                 padding=padding, impl=impl)
+    return jnp.sum(jnp.sin(y)), y
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize('impl', OTHER_IMPLS)
+@pytest.mark.parametrize('k,stride,dilation,size', CASES)
+def test_value_and_gradient_equal_the_grouped_conv(impl, k, stride, dilation,
+                                                   size):
+  channels = 3
+  rng = np.random.default_rng(k * 100 + stride * 10 + dilation)
+  x = jnp.asarray(rng.normal(size=(2, size, size, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 1, channels)), jnp.float32)
+  padding = dilation * (k - 1) // 2
+  (_, y_ref), g_ref = _loss('grouped', stride, dilation, padding)(x, kernel)
+  (_, y), g = _loss(impl, stride, dilation, padding)(x, kernel)
+  expected = depthwise.output_size(size, k, stride, dilation, padding)
+  assert y.shape == y_ref.shape == (2, expected, expected, channels)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_each_channel_is_filtered_by_its_own_kernel_only():
+  x = jnp.zeros((1, 5, 5, 2)).at[0, 2, 2, 0].set(1.0)   # impulse, channel 0
+  kernel = jnp.arange(18, dtype=jnp.float32).reshape(3, 3, 1, 2)
+  for impl in depthwise.IMPLEMENTATIONS:
+    y = depthwise.depthwise_conv(x, kernel, padding=1, impl=impl)
+    # Correlation: the impulse reappears as channel 0's kernel, flipped.
+    np.testing.assert_allclose(y[0, 1:4, 1:4, 0], kernel[::-1, ::-1, 0, 0])
+    np.testing.assert_allclose(y[..., 1], 0.0)
+
+
+def test_module_has_nn_conv_parameters_and_output():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+  reference = nn.Conv(4, (5, 5), strides=2, padding=4, kernel_dilation=2,
+                      feature_group_count=4, use_bias=False)
+  ref_vars = reference.init(jax.random.key(1), x)
+  for impl in depthwise.IMPLEMENTATIONS:
+    module = depthwise.DepthwiseConv(5, stride=2, dilation=2, padding=4,
+                                     impl=impl)
+    variables = module.init(jax.random.key(1), x)
+    np.testing.assert_array_equal(variables['params']['kernel'],
+                                  ref_vars['params']['kernel'])
+    np.testing.assert_allclose(module.apply(variables, x),
+                               reference.apply(ref_vars, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_by_backend_and_width():
+  limit = depthwise.BLOCK_DIAGONAL_MAX_CHANNELS
+  assert depthwise.resolve('auto', limit, 'cpu') == 'block_diagonal'
+  assert depthwise.resolve('auto', limit + 1, 'cpu') == 'shifted'
+  assert depthwise.resolve('auto', 8, 'gpu') == 'grouped'
+  assert depthwise.resolve('auto', 8, 'tpu') == 'grouped'
+  assert depthwise.resolve('shifted', 8, 'gpu') == 'shifted'
+  with pytest.raises(ValueError, match='model.depthwise'):
+    depthwise.resolve('fft', 8)
+  with pytest.raises(ValueError, match=r'\[k, k, 1, 3\]'):
+    depthwise.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 3)))
+
+
+def test_network_is_the_same_function_whichever_implementation():
+  """The DARTS-V2 child network (sep and dil convs in both cells): the same
+  parameter tree, logits and gradients for each implementation."""
+  arch = ss.genotype_architecture(ss.DARTS_V2)
+  x = jax.random.uniform(jax.random.key(3), (2, 8, 8, 3))
+  models = {impl: network.DARTSNetwork(5, 4, 3, depthwise=impl)
+            for impl in ('grouped',) + OTHER_IMPLS}
+  variables = models['grouped'].init({'params': jax.random.key(0)}, x, arch,
+                                     train=False)
+  outputs = {}
+  for impl, model in models.items():
+    shapes = jax.eval_shape(lambda m=model: m.init(
+        {'params': jax.random.key(0)}, x, arch, train=False))
+    assert (jax.tree.structure(shapes)
+            == jax.tree.structure(variables)), impl
+
+    def loss(params, model=model):
+      logits, _ = model.apply({**variables, 'params': params}, x, arch,
+                              train=False)
+      return jnp.sum(logits ** 2), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables['params'])
+    outputs[impl] = (logits, grads)
+  ref_logits, ref_grads = outputs['grouped']
+  for impl in OTHER_IMPLS:
+    logits, grads = outputs[impl]
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-3, atol=1e-4), grads, ref_grads)
+
+
+def test_an_unknown_implementation_is_a_config_error():
+  config = tiny_config('train', {'model.depthwise': 'fft'})
+  with pytest.raises(ValueError, match='model.depthwise'):
+    train.create_model(config, num_classes=10)
