@@ -3,10 +3,11 @@
 Every separable and dilated conv of the DARTS space is a depthwise k×k conv
 (one k×k filter per channel) followed by a pointwise 1×1 conv. XLA lowers a
 depthwise conv to a convolution with `feature_group_count = C`, which is the
-fastest form on GPU and TPU but slow on XLA:CPU: there forward + backward of
-a 5×5 depthwise conv on [96, 32, 32, 16] costs several times a *dense*
-16→16 5×5 conv with C times its FLOPs (`experiments/bench_depthwise.py`,
-experiments/RESULTS.md). Three implementations compute the same function:
+fastest form on GPU and TPU but slow on XLA:CPU: at the shapes of a C = 8
+DARTS network (batch 96, 32 px), its forward + backward takes 2-9 times as
+long as a *dense* C→C conv with C times its FLOPs
+(`experiments/bench_depthwise.py`, experiments/RESULTS.md). Three
+implementations compute the same function:
 
   'grouped'         `lax.conv_general_dilated(..., feature_group_count=C)`;
   'shifted'         Σ_{i,j} x_pad[:, s·h + d·i, s·w + d·j, :] · w[i, j, :],
