@@ -53,6 +53,7 @@ import numpy as np
 
 from dha_jax import train
 from dha_jax.nas import search_space
+from experiments import benchlib
 from experiments import reproduce
 from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT
 
@@ -68,10 +69,6 @@ END_MARKER = '<!-- ablate:end -->'
 RESULTS_JSON = 'ablate_search.json'
 DATASETS = ('digits', 'cifar10')
 PERCENT = 100.0
-# One thread per process when several run at once: small networks use a
-# second core poorly, a second process uses it fully.
-SINGLE_THREAD_XLA = ('--xla_cpu_multi_thread_eigen=false '
-                     'intra_op_parallelism_threads=1')
 LOG_EVERY_STEPS = 20
 CHECKPOINT_EVERY_STEPS = 50
 
@@ -190,9 +187,11 @@ def run_campaign(args: argparse.Namespace, budget: Budget) -> None:
   for its search.
   """
   env = dict(os.environ)
+  # One thread per process when several run at once: small networks use a
+  # second core poorly, a second process uses it fully.
   if args.jobs > 1:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' '
-                        + SINGLE_THREAD_XLA).strip()
+                        + benchlib.SINGLE_THREAD_XLA).strip()
   start = time.time()
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     for dataset in args.datasets:

@@ -24,7 +24,7 @@ import numpy as np
 from dha_jax.nas import depthwise
 from experiments import benchlib
 
-IMPLS = ('grouped', 'shifted', 'block_diagonal')
+IMPLS = tuple(i for i in depthwise.IMPLEMENTATIONS if i != 'auto')
 KERNELS = (3, 5)
 DILATIONS = (1, 2)
 STRIDES = (1, 2)

@@ -20,6 +20,7 @@ from dha_jax import parallel
 from dha_jax import step as step_lib
 from dha_jax import train
 from dha_jax.components import Component, component_key
+from dha_jax.nas import depthwise
 from dha_jax.nas import search_space
 
 # One XLA:CPU thread (`--threads 1`): Eigen's pool and XLA's intra-op
@@ -89,7 +90,7 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
       'genotype': "support of the child network: '' (the search's initial "
                   "support), 'darts_v2' or a genotype.json",
       'depthwise': 'model.depthwise: ' + ', '.join(
-          ('auto', 'grouped', 'shifted', 'block_diagonal')),
+          depthwise.IMPLEMENTATIONS),
       'threads': "XLA:CPU threads: 'all' or '1'"}
   for name, default in defaults.items():
     parser.add_argument(f'--{name.replace("_", "-")}', type=type(default),
@@ -173,17 +174,14 @@ def search_step_setup(mode: str, args: argparse.Namespace,
   run = train.Run.create(config, workdir='')
   run.mesh = parallel.make_mesh(jax.devices()[:1])
   phase, state = train.first_phase(run)
-  if 'nas' in state.components:
-    nas = state.components['nas']
-    if args.genotype:
-      items = tuple(search_space.genotype_to_support(
-          train.load_genotype(args.genotype)).items())
-      nas = nas.replace(ista=nas.ista.replace(support=items))
-      state = state.replace(components={**state.components, 'nas': nas})
+  support = tuple(search_space.genotype_to_support(
+      train.load_genotype(config.model.genotype)).items())
+  nas = state.components.get('nas')
+  if nas is not None and args.genotype:
+    nas = nas.replace(ista=nas.ista.replace(support=support))
+    state = state.replace(components={**state.components, 'nas': nas})
+  elif nas is not None:
     support = nas.ista.support
-  else:
-    support = tuple(search_space.genotype_to_support(
-        train.load_genotype(config.model.genotype)).items())
   batch = parallel.shard_batch(run.mesh,
                                random_batch(args.batch, args.size))
   heldout = parallel.shard_batch(run.mesh, random_batch(
