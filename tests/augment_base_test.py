@@ -7,6 +7,9 @@ import pytest
 
 from dha_jax.augment import base
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('augment_base_test')
+
 NUM, HEIGHT, WIDTH, CHANNELS = 64, 12, 10, 3
 
 

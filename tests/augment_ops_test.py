@@ -20,6 +20,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from dha_jax.augment import ops
 from experiments.paths import CIFAR10_ZIP as CIFAR_ZIP
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('augment_ops_test')
+
 CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                  'frog', 'horse', 'ship', 'truck')
 # Fill colour of the affine ops: CIFAR-10's mean x 255, as the reference.

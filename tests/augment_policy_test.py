@@ -12,6 +12,9 @@ from scipy import stats
 from dha_jax.augment import ops
 from dha_jax.augment import policy
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('augment_policy_test')
+
 # Chi-square tests: reject only on overwhelming evidence (the keys are fixed,
 # so each test is deterministic; a wrong sampler fails by a wide margin).
 SIGNIFICANCE = 1e-3

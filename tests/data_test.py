@@ -13,6 +13,9 @@ from configs import default as default_config
 from dha_jax import data
 from experiments.paths import CIFAR10_ZIP
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('data_test')
+
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                    'frog', 'horse', 'ship', 'truck')
 # Image folder fixture: class -> a colour that survives resizing exactly.

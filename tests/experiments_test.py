@@ -15,6 +15,9 @@ from experiments import landscape
 from experiments import profile_step
 from experiments import reproduce
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('experiments_test')
+
 
 # ---------------------------------------------------------------- landscape
 @pytest.fixture(scope='module')

@@ -13,6 +13,9 @@ from sklearn import datasets
 from dha_jax import hpo
 from dha_jax.components import StepContext
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('hpo_test')
+
 # Central finite differences in float64: step in raw η and tolerance.
 FD_EPS = 1e-6
 FD_RTOL = 1e-4

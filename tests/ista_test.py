@@ -12,6 +12,9 @@ from sklearn.linear_model import Lasso
 from dha_jax.nas import ista
 from dha_jax.nas import search_space as ss
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('ista_test')
+
 M = ista.DEFAULT_PROJ_DIMS
 NODE_SIZES = tuple(len(ss.ISTA_PRIMITIVES) * ss.num_edges(i)
                    for i in range(ss.NUM_NODES))  # 14, 21, 28, 35

@@ -8,6 +8,9 @@ import pytest
 from dha_jax.nas import network
 from dha_jax.nas import search_space as ss
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('network_test')
+
 
 def _shapes(model, arch, size, train=True):
   init = lambda: model.init(

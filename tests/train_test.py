@@ -17,6 +17,9 @@ from dha_jax import train
 from dha_jax.nas import search_space as ss
 from tests import tiny
 
+# One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('train_test')
+
 
 def tiny_config():
   return tiny.tiny_config('train', {
