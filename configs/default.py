@@ -163,6 +163,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1
   # Log training metrics every this many steps.
   config.log_every_steps = 50
+  # Also write the metrics (and, at the end, the plots) as TensorBoard events
+  # in workdir/tensorboard: `tensorboard --logdir=WORKDIR` shows the run.
+  config.tensorboard = True
   # Save a checkpoint every this many steps (and at the end).
   config.checkpoint_every_steps = 200
   # Checkpoints kept in workdir/checkpoints.

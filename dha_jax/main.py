@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from dha_jax import data
+from dha_jax import parallel
 from dha_jax import train
 
 FLAGS = flags.FLAGS
@@ -23,7 +24,25 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'results; rerunning on it resumes.')
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                 lock_config=True)
+flags.DEFINE_bool('distributed', False, 'Run as one process of a multi-process '
+                  'job (TPU pod slice, several GPU hosts): initialises '
+                  'jax.distributed. On Cloud TPU, SLURM and Open MPI the '
+                  'three flags below are detected and may be left unset.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, the '
+                    'same on every process (implies --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+flags.DEFINE_integer('process_id', None, 'This process, 0 to '
+                     'num_processes - 1; process 0 writes the files.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+  """Joins the multi-process job the flags describe (before any JAX work)."""
+  if not (FLAGS.distributed or FLAGS.coordinator_address):
+    return
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes,
+                             process_id=FLAGS.process_id)
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -84,8 +103,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  logging.info('JAX %s on %d %s device(s).', jax.__version__,
-               jax.device_count(), jax.default_backend())
+  initialize_distributed()
+  logging.info('JAX %s on %d %s device(s), %d process(es); this is process '
+               '%d.', jax.__version__, jax.device_count(),
+               jax.default_backend(), jax.process_count(), jax.process_index())
   enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   warn_ignored_overrides(sys.argv)
   try:
@@ -94,8 +115,9 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(getattr(e, 'exit_code', 1))
-  print(f"test_accuracy {summary['test_accuracy']:.4f} "
-        f"(workdir {FLAGS.workdir})")
+  if parallel.is_primary_process():
+    print(f"test_accuracy {summary['test_accuracy']:.4f} "
+          f"(workdir {FLAGS.workdir})")
 
 
 if __name__ == '__main__':

@@ -37,6 +37,8 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import PIL.Image
+import tensorboardX
 
 from dha_jax import data as data_lib
 from dha_jax import modes
@@ -57,12 +59,15 @@ CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'damaged_checkpoints'
 GENOTYPE_FILE = 'genotype.json'
 DEPLOY_FILE = 'model.msgpack'
+TENSORBOARD_DIR = 'tensorboard'
+# Event files are flushed at least this often (and when the run ends).
+TENSORBOARD_FLUSH_SECONDS = 30
 HPARAMS_PLOT = 'hparams.png'
 PLOT_DPI = 100
 # Config fields that may differ when resuming a workdir (they do not change
 # what is computed).
 RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps',
-                    'keep_checkpoints', 'compilation_cache_dir')
+                    'keep_checkpoints', 'compilation_cache_dir', 'tensorboard')
 SEARCH, FIXED, TRAIN = modes.SEARCH, modes.FIXED, modes.TRAIN
 
 
@@ -138,25 +143,62 @@ def save_figure(fig: Any, path: str) -> None:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl.
+  """Appends one JSON object per line to workdir/metrics.jsonl and, with
+  `tensorboard`, the same numbers as TensorBoard scalars.
 
-  On resume, lines of steps after the restored checkpoint are dropped, so the
-  file's steps continue where the checkpoint left off instead of repeating.
+  On resume, lines of steps after the restored checkpoint are dropped (and
+  their TensorBoard events purged), so the steps continue where the
+  checkpoint left off instead of repeating. In a multi-process run only
+  process 0 writes; the others' writers do nothing.
   """
 
-  def __init__(self, workdir: str, resume_step: int):
+  def __init__(self, workdir: str, resume_step: int, tensorboard: bool):
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = parallel.is_primary_process()
+    self.events = None
+    if not self.enabled:
+      return
     if os.path.exists(self.path):
       with open(self.path) as f:
         kept = [line for line in f
                 if line.strip() and json.loads(line)['step'] <= resume_step]
       write_text_atomic(self.path, ''.join(kept))
+    if tensorboard:
+      self.events = tensorboardX.SummaryWriter(
+          os.path.join(workdir, TENSORBOARD_DIR),
+          purge_step=resume_step + 1 if resume_step else None,
+          flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {'step': int(step)}
     record.update({k: _to_python(v) for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self.events is not None:
+      for tag, value in tensorboard_scalars(record).items():
+        self.events.add_scalar(tag, value, int(step))
+
+  def write_image(self, step: int, png_path: str) -> None:
+    """A saved PNG plot as a TensorBoard image, tagged by its file name."""
+    if self.events is not None:
+      with PIL.Image.open(png_path) as image:
+        pixels = np.asarray(image.convert('RGB'))
+      self.events.add_image(os.path.splitext(os.path.basename(png_path))[0],
+                            pixels, int(step), dataformats='HWC')
+
+  def close(self) -> None:
+    if self.events is not None:
+      self.events.close()
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+  """{'<phase>/<key>': value} of a metrics record's numbers (booleans as
+  0/1); strings, lists and the step itself are left to metrics.jsonl."""
+  prefix = record.get('phase', 'run')
+  return {f'{prefix}/{k}': float(v) for k, v in record.items()
+          if k != 'step' and isinstance(v, (int, float, bool))}
 
 
 def _to_python(value: Any) -> Any:
@@ -210,7 +252,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict
           f'{workdir} holds a run with a different config (fields {diff}); '
           'nothing was changed there. Use a new --workdir, or rerun with the '
           f'config in {path}.')
-  else:
+  elif parallel.is_primary_process():
     write_json_atomic(path, current)
 
 
@@ -236,7 +278,7 @@ def make_workdir(workdir: str) -> None:
   RunError that says so."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
     with open(probe, 'w'):
       pass
     os.remove(probe)
@@ -600,7 +642,9 @@ def _move_aside(workdir: str, manager: ocp.CheckpointManager,
   while os.path.exists(target):
     suffix += 1
     target = os.path.join(damaged, f'{step}.{suffix}')
-  os.replace(os.path.join(workdir, CHECKPOINT_DIR, str(step)), target)
+  if parallel.is_primary_process():
+    os.replace(os.path.join(workdir, CHECKPOINT_DIR, str(step)), target)
+  parallel.wait_for_all_processes(f'set aside checkpoint {step}')
   manager.reload()
   return target
 
@@ -651,7 +695,10 @@ def next_progress(run: Run, phase: Phase, state: step_lib.TrainState,
 
 def log_search_summary(run: Run, phase: Phase,
                        state: step_lib.TrainState) -> None:
-  """Logs one line on what the search learned (the `summary` hooks)."""
+  """Logs one line on what the search learned (the `summary` hooks); on
+  process 0, which holds metrics.jsonl."""
+  if not parallel.is_primary_process():
+    return
   records = read_metrics(run.workdir)
   components = jax.device_get(state.components)
   parts = [f"{c.name}: " + c.summary(
@@ -755,7 +802,7 @@ def _log_window(writer: MetricsWriter, history: list[dict], done: int,
   rate = window_steps / max(time.time() - window_start, 1e-9)
   eta = (phase.end - done) / max(rate, 1e-9)
   writer.write(done, {'phase': phase.name, 'epoch': done / steps_per_epoch,
-                      **values})
+                      'step_seconds': 1.0 / max(rate, 1e-9), **values})
   logging.info('[%s] step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.2f steps/s  '
                'ETA %.0f s', phase.name, done, phase.end, values['loss'],
                values['accuracy'], values['learning_rate'], rate, eta)
@@ -794,9 +841,11 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
   train_fn = make_step(run, phase)
   start = int(state.step)
   train_iter = data_lib.train_batches(run.dataset.train, config.batch_size,
-                                      seed=config.seed, start_step=start)
+                                      seed=config.seed, start_step=start,
+                                      **parallel.process_slice())
   hpo_iter = data_lib.train_batches(run.hpo_split, run.heldout_batch_size,
-                                    seed=config.seed + 1, start_step=start)
+                                    seed=config.seed + 1, start_step=start,
+                                    **parallel.process_slice())
   if start < phase.end:
     logging.info('%s phase: steps %d to %d (%d per epoch). Compiling the '
                  'step, this might take some minutes...', phase.name, start,
@@ -830,10 +879,10 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
         return state
     if done % config.checkpoint_every_steps == 0 and done < phase.end:
       _save(manager, state, progress, writer)
-    if stop and done < phase.end:
+    if parallel.any_process(bool(stop)) and done < phase.end:
       _check_window(writer, history, done, manager)
       _save(manager, state, progress, writer)
-      raise Interrupted(stop[0], done)
+      raise Interrupted(stop[0] if stop else signal.SIGTERM, done)
   return state
 
 
@@ -842,7 +891,8 @@ def evaluate(eval_fn, params, batch_stats, arch, split: data_lib.Split,
              batch_size: int, mesh) -> dict[str, float]:
   """Accuracy and mean loss over a whole split."""
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
-  for images, labels, mask in data_lib.eval_batches(split, batch_size):
+  for images, labels, mask in data_lib.eval_batches(
+      split, batch_size, **parallel.process_slice()):
     out = eval_fn(params, batch_stats, arch,
                   *parallel.shard_batch(mesh, (images, labels, mask)))
     for k in totals:
@@ -855,8 +905,9 @@ def evaluate(eval_fn, params, batch_stats, arch, split: data_lib.Split,
 def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
                   phase: Phase, progress: Progress, start_time: float
                   ) -> dict[str, Any]:
-  """Evaluates the final network and writes every result file."""
-  config, workdir = run.config, run.workdir
+  """Evaluates the final network (every process) and writes every result
+  file (process 0); returns the summary."""
+  config = run.config
   state = jax.device_get(state)
   arch = phase.arch
   eval_fn = step_lib.make_eval_step(run.mesh, model=run.model, pre=run.pre)
@@ -876,17 +927,38 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
                test['accuracy'], test['loss'], heldout['accuracy'])
   # The deployable network: θ pruned to the final support.
   deployed = deployable_variables(run, state, arch)
-  write_atomic(os.path.join(workdir, DEPLOY_FILE), lambda tmp: open(
-      tmp, 'wb').write(flax.serialization.to_bytes(deployed)))
   genotype_json = json.loads(phase.genotype.to_json())
   genotype_json['alphas'] = {c: [np.asarray(a).tolist() for a in w]
                              for c, w in arch.weights.items()}
-  write_json_atomic(os.path.join(workdir, GENOTYPE_FILE), genotype_json)
+  summary = {'mode': config.mode, 'dataset': run.dataset.name,
+             'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+             'hpo_accuracy': heldout['accuracy'],
+             'train_steps': int(state.step),
+             'search_steps': progress.search_steps,
+             'wall_seconds': time.time() - start_time,
+             'param_count': param_count(deployed['params']),
+             'compiled_supports': len(run.compiled),
+             'genotype': genotype_json}
+  if parallel.is_primary_process():
+    write_result_files(run, writer, state, deployed, summary)
+  return summary
+
+
+def write_result_files(run: Run, writer: MetricsWriter,
+                       state: step_lib.TrainState, deployed: dict[str, Any],
+                       summary: dict[str, Any]) -> None:
+  """The deployable network, genotype, plots and exports, then (last, as
+  it marks the run finished) summary.json."""
+  workdir = run.workdir
+  write_atomic(os.path.join(workdir, DEPLOY_FILE), lambda tmp: open(
+      tmp, 'wb').write(flax.serialization.to_bytes(deployed)))
+  write_json_atomic(os.path.join(workdir, GENOTYPE_FILE), summary['genotype'])
   records = read_metrics(workdir)
+  plot_paths = [os.path.join(workdir, HPARAMS_PLOT)]
   save_figure(plots.series_figure(
       [r for r in records if r['phase'] in {p.name for p in run.phases}],
       ('learning_rate', 'weight_decay', 'loss'), 'η and the training loss'),
-              os.path.join(workdir, HPARAMS_PLOT))
+              plot_paths[0])
   exporters = {c.name: c for spec in run.phases
                for c in run.components(spec, param_shapes=None)
                if c.export is not None}
@@ -899,17 +971,10 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
         write_json_atomic(path, obj)
       else:
         save_figure(obj, path)
-  summary = {'mode': config.mode, 'dataset': run.dataset.name,
-             'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-             'hpo_accuracy': heldout['accuracy'],
-             'train_steps': int(state.step),
-             'search_steps': progress.search_steps,
-             'wall_seconds': time.time() - start_time,
-             'param_count': param_count(deployed['params']),
-             'compiled_supports': len(run.compiled),
-             'genotype': genotype_json}
+        plot_paths.append(path)
+  for path in plot_paths:
+    writer.write_image(int(state.step), path)
   write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
-  return summary
 
 
 # ------------------------------------------------------------------ main
@@ -953,12 +1018,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if latest is not None:
     logging.info('Resumed from the checkpoint of step %d (%s phase).', latest,
                  progress.phase)
-  writer = MetricsWriter(workdir, int(state.step))
   logging.info('Mode %s; %d parameters.', config.mode,
                param_count(state.params))
 
   # ---------------------------------------------------- the phases
-  with stop_requests() as stop:
+  with contextlib.closing(MetricsWriter(
+      workdir, int(state.step), config.tensorboard)) as writer, \
+      stop_requests() as stop:
     try:
       while True:
         phase = build_phase(run, progress, state)
@@ -980,5 +1046,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       manager.wait_until_finished()
       manager.close()
 
-  # ---------------------------------------------------- the results
-  return write_results(run, writer, state, phase, progress, start_time)
+    # -------------------------------------------------- the results
+    return write_results(run, writer, state, phase, progress, start_time)

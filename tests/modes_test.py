@@ -75,6 +75,12 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
     assert all(np.isfinite(r['hpo/hpo_loss']) for r in records
                if 'hpo/hpo_loss' in r)
     assert any('hpo/hpo_loss' in r for r in records)
+    # What a user watches in TensorBoard: η, τ's entropy, α's norms.
+    scalars, images = tiny.read_tensorboard(workdir)
+    for tag in ('search/hpo/learning_rate', 'search/da/entropy',
+                'nas_epoch/alpha_norm_normal', 'fixed/loss'):
+      assert scalars[tag], tag
+    assert {'hparams', 'policy', 'architecture'} <= set(images)
 
 
 def test_search_steps_win_over_search_epochs():

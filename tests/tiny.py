@@ -1,8 +1,11 @@
-"""The tiny run configuration shared by the end-to-end tests."""
+"""The tiny run configuration shared by the end-to-end tests, and a reader
+of the run's TensorBoard events."""
 
+import os
 from typing import Any
 
 import ml_collections
+from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default as default_config
 
@@ -34,3 +37,18 @@ def tiny_config(mode: str, overrides: dict[str, Any] | None = None
 def cli_flags(overrides: dict[str, Any] | None = None) -> list[str]:
   """The same settings as `--config.key=value` flags."""
   return [f'--config.{k}={v}' for k, v in {**TINY, **(overrides or {})}.items()]
+
+
+def read_tensorboard(workdir: str
+                     ) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+  """({tag: [(step, value), ...]}, image tags) of workdir/tensorboard, as
+  TensorBoard itself reads them (events of purged steps dropped)."""
+  events = event_accumulator.EventAccumulator(
+      os.path.join(workdir, 'tensorboard'),
+      size_guidance={event_accumulator.SCALARS: 0,
+                     event_accumulator.IMAGES: 0})
+  events.Reload()
+  tags = events.Tags()
+  scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+             for tag in tags['scalars']}
+  return scalars, tags['images']

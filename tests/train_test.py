@@ -102,6 +102,24 @@ def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
   assert genotype == ss.DARTS_V2
 
 
+def test_tensorboard_events_hold_the_logged_scalars_and_plots(finished_run):
+  workdir, _ = finished_run
+  scalars, images = tiny.read_tensorboard(workdir)
+  records = train.read_metrics(workdir)
+  train_records = [r for r in records if r['phase'] == 'train']
+  for key in ('loss', 'accuracy', 'learning_rate', 'weight_decay',
+              'step_seconds'):
+    assert scalars[f'train/{key}'] == [
+        (r['step'], pytest.approx(r[key], rel=1e-6)) for r in train_records]
+  test_record, = [r for r in records if r['phase'] == 'test']
+  assert scalars['test/test_accuracy'] == [
+      (test_record['step'], pytest.approx(test_record['test_accuracy']))]
+  # Every number of metrics.jsonl, and nothing else.
+  assert set(scalars) == {tag for r in records
+                          for tag in train.tensorboard_scalars(r)}
+  assert images == ['hparams']
+
+
 def test_finished_run_is_not_retrained(finished_run):
   workdir, summary = finished_run
   before = os.path.getmtime(os.path.join(workdir, 'metrics.jsonl'))
@@ -124,6 +142,9 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(finished_run,
   with open(os.path.join(killed, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f]
   assert steps == [2, 4, 4]  # two train logs, then the test record
+  # TensorBoard hides the killed run's events after the checkpoint.
+  scalars, _ = tiny.read_tensorboard(killed)
+  assert [s for s, _ in scalars['train/loss']] == [2, 4]
 
 
 def test_workdir_of_another_config_is_refused(finished_run):

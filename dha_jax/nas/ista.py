@@ -364,7 +364,7 @@ def _solve(A: jax.Array, b: jax.Array, config: IstaConfig) -> IstaResult:
   CPU an iteration costs about a microsecond, on an accelerator at least a
   kernel launch per iteration (not measured). One compile per node shape.
   """
-  with jax.default_device(jax.devices('cpu')[0]):
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
     result = _ista_jit(np.asarray(A), np.asarray(b), config.lam,
                        max_iters=config.max_iters, tol=config.tol,
                        accelerated=config.accelerated)
