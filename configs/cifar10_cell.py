@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.min_learning_rate = 0.0
   config.optimizer.weight_decay = 3e-4
   config.optimizer.grad_clip = 5.0
+  # A learned η shares this schedule's annealing (docs/fidelity.md, 'HPO').
+  config.optimizer.anneal_learned_lr = True
   config.batch_size = 96
   config.eval_batch_size = 500
   config.num_epochs = 600

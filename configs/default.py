@@ -111,6 +111,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 5.0
   # 'cosine' or 'constant'.
   config.optimizer.schedule = 'cosine'
+  # When a component learns η (HPO): False, the reference code, η is θ's
+  # learning rate as it is; True, θ's learning rate is η times this schedule
+  # divided by learning_rate (1 during a search, then the cosine decay), so
+  # that every mode ends annealed (docs/fidelity.md, 'HPO').
+  config.optimizer.anneal_learned_lr = False
 
   # -------------------------------------------------- AutoML components
   # Each block's fields are documented where it is defined.

@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.drop_path_prob = 0.0
   config.optimizer.learning_rate = 0.5
   config.optimizer.weight_decay = 3e-5
+  # A learned η shares this schedule's annealing (docs/fidelity.md, 'HPO').
+  config.optimizer.anneal_learned_lr = True
   config.batch_size = 1024
   config.eval_batch_size = 1024
   # The reference's ImageNet HPO batches are half the training batch.

@@ -158,8 +158,9 @@ FACTORIES: dict[str, Callable[[ml_collections.ConfigDict, BuildContext],
                               Component]] = {
     SEARCHER: _nas,
     'da': lambda config, ctx: da_component.make_component(config.da),
-    'hpo': lambda config, ctx: hpo.make_component(config.hpo,
-                                                  ctx.param_shapes),
+    'hpo': lambda config, ctx: hpo.make_component(
+        config.hpo, ctx.param_shapes,
+        annealed=config.optimizer.anneal_learned_lr),
 }
 
 

@@ -137,8 +137,15 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
                pre: Preprocess, aux_weight: float,
                default_hparams: Callable[[jax.Array], dict],
                drop_path_rate: Callable[[jax.Array], jax.Array],
+               learned_lr_scale: Callable[[jax.Array], jax.Array] | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One DHA step (module docstring); pure, jit it with `make_train_step`."""
+  """One DHA step (module docstring); pure, jit it with `make_train_step`.
+
+  `default_hparams(step)` is η when no component supplies it. When one does,
+  θ's learning rate is its η times `learned_lr_scale(step)` (None: 1), in
+  θ's update and in the update that its hypergradient differentiates, so
+  that a learned η can share the schedule's annealing.
+  """
   images, labels = batch
   chex.assert_rank(images, 4)
   chex.assert_type(images, jnp.uint8)
@@ -183,11 +190,16 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
           state.params, trainables))
 
   hp_owner = _owner(components, 'hyperparams')
+  lr_scale = (1.0 if hp_owner is None or learned_lr_scale is None
+              else learned_lr_scale(state.step))
+
+  def inner_update(hp):
+    return hpo_inner.inner_step(
+        tx, state.params, param_grads, state.opt_state,
+        {**hp, 'learning_rate': hp['learning_rate'] * lr_scale})
+
   hparams = (default_hparams(state.step) if hp_owner is None
              else hp_owner.hyperparams(state.components[hp_owner.name]))
-
-  inner_update = functools.partial(hpo_inner.inner_step, tx, state.params,
-                                   param_grads, state.opt_state)
   new_params, new_opt_state = inner_update(hparams)
 
   hpo_images = eval_images(pre, hpo_batch[0])
@@ -203,7 +215,7 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
 
   metrics = {'loss': loss,
              'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-             'learning_rate': hparams['learning_rate'],
+             'learning_rate': hparams['learning_rate'] * lr_scale,
              'weight_decay': hparams['weight_decay'],
              'grad_norm': optax.tree.norm(param_grads)}
   new_components = dict(state.components)

@@ -720,7 +720,9 @@ def deployable_variables(run: Run, state: step_lib.TrainState,
 
 # ------------------------------------------------------------ the steps
 def make_step(run: Run, phase: Phase) -> Callable:
-  """The jitted train step of `phase`: η from a component or the schedule."""
+  """The jitted train step of `phase`: η from a component or the schedule
+  (with `optimizer.anneal_learned_lr`, a component's η times the schedule's
+  fraction of its initial value)."""
   config = run.config
   total = max(phase.end - phase.start, 1)
   # Constant during the search (as the reference), scheduled afterwards.
@@ -738,10 +740,15 @@ def make_step(run: Run, phase: Phase) -> Callable:
   def drop_path_rate(step):
     return drop_prob * (step - start) / total
 
+  def schedule_fraction(step):
+    return schedule(step - start) / config.optimizer.learning_rate
+
   return step_lib.make_train_step(
       run.mesh, model=run.model, tx=run.tx, components=phase.components,
       fixed_arch=phase.arch, pre=run.pre, aux_weight=config.model.aux_weight,
-      default_hparams=default_hparams, drop_path_rate=drop_path_rate)
+      default_hparams=default_hparams, drop_path_rate=drop_path_rate,
+      learned_lr_scale=(schedule_fraction
+                        if config.optimizer.anneal_learned_lr else None))
 
 
 def epoch_end(run: Run, state: step_lib.TrainState, phase: Phase, epoch: int,

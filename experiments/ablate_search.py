@@ -13,6 +13,12 @@ everything else identical (data, network width and depth, steps, seeds,
   HPO  `nas_hpo` (η learned) against `ista_one_stage` (the config's fixed
        schedule: constant during the search, cosine after it).
 
+Three more arms change the search dynamics, one per component, against the
+same baselines: `search_heldout` / `searched_heldout` (b learns on the
+held-out batch), `da_fast` (τ's Adam rate 0.05 instead of 0.01) and
+`hpo_annealed` (`optimizer.anneal_learned_lr`: η times the schedule's
+multiplier).
+
 Datasets: scikit-learn's digits (offline) and a class-balanced CIFAR-10
 subset from the image-folder zip (`--cifar10`, default
 experiments/paths.CIFAR10_ZIP). Seeds 0, 1, 2. Every run is
@@ -76,6 +82,11 @@ SEARCH, SEARCHED = 'search', 'searched'
 DA_LEARNED, DA_UNIFORM = 'da_learned', 'da_uniform'
 HPO_LEARNED = 'hpo_learned'
 RANDOM_PREFIX = 'random'
+# Changes of the search dynamics tried when a learned component did not
+# beat its baseline (experiments/RESULTS.md says why each was chosen).
+SEARCH_HELDOUT, SEARCHED_HELDOUT = 'search_heldout', 'searched_heldout'
+DA_FAST = 'da_fast'
+HPO_ANNEALED = 'hpo_annealed'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,32 +97,48 @@ class Arm:
     name: the workdir name.
     mode: `config.mode`.
     overrides: more `field=value` settings.
-    genotype: for `train` arms: SEARCHED (the search arm's genotype.json)
-      or the index of a random genotype.
+    genotype: for `train` arms: the name of the search arm whose
+      genotype.json it trains, or the index of a random genotype.
   """
   name: str
   mode: str
   overrides: tuple[str, ...] = ()
   genotype: str | int | None = None
 
+  @property
+  def waits_for_search(self) -> bool:
+    return isinstance(self.genotype, str)
+
 
 def arms(random_genotypes: int) -> tuple[Arm, ...]:
-  """The arms of one (dataset, seed), dependencies first."""
+  """The arms of one (dataset, seed): the components with the config's
+  dynamics, their baselines, then the changed dynamics."""
   return ((Arm(SEARCH, 'ista_one_stage'),
            Arm(DA_LEARNED, 'nas_da'),
            Arm(DA_UNIFORM, 'nas_da', ('da.policy_lr=0.0',)),
            Arm(HPO_LEARNED, 'nas_hpo'),
-           Arm(SEARCHED, 'train', genotype=SEARCHED))
+           Arm(SEARCHED, 'train', genotype=SEARCH))
           + tuple(Arm(f'{RANDOM_PREFIX}{k}', 'train', genotype=k)
-                  for k in range(random_genotypes)))
+                  for k in range(random_genotypes))
+          # b learns on the held-out batch (ISTA-NAS two-stage's signal).
+          + (Arm(SEARCH_HELDOUT, 'ista_one_stage', ('nas.code_loss=heldout',)),
+             Arm(SEARCHED_HELDOUT, 'train', genotype=SEARCH_HELDOUT),
+             # τ at 5x the config's Adam rate.
+             Arm(DA_FAST, 'nas_da', ('da.policy_lr=0.05',)),
+             # η before the schedule's multiplier: annealed like the baseline.
+             Arm(HPO_ANNEALED, 'nas_hpo',
+                 ('optimizer.anneal_learned_lr=True',))))
 
 
-# (learned arm, baseline arms) of each comparison; 'random' stands for every
-# random-genotype arm.
+# (component, learned arm, baseline arms) of each comparison; 'random'
+# stands for every random-genotype arm.
 COMPARISONS = (
     ('NAS', SEARCHED, (RANDOM_PREFIX,)),
     ('DA', DA_LEARNED, (DA_UNIFORM, SEARCH)),
     ('HPO', HPO_LEARNED, (SEARCH,)),
+    ('NAS, b on the HPO batch', SEARCHED_HELDOUT, (RANDOM_PREFIX,)),
+    ('DA, τ 5x faster', DA_FAST, (DA_UNIFORM, SEARCH)),
+    ('HPO, η annealed', HPO_ANNEALED, (SEARCH,)),
 )
 BASELINE_NAMES = {RANDOM_PREFIX: 'random genotypes', DA_UNIFORM: 'τ uniform',
                   SEARCH: 'no DA / fixed schedule'}
@@ -148,8 +175,8 @@ def workdir_of(out: str, dataset: str, seed: int, arm: str) -> str:
 
 def genotype_path(out: str, dataset: str, seed: int, arm: Arm) -> str:
   """The genotype.json a `train` arm trains (written on first use)."""
-  if arm.genotype == SEARCHED:
-    return os.path.join(workdir_of(out, dataset, seed, SEARCH),
+  if arm.waits_for_search:
+    return os.path.join(workdir_of(out, dataset, seed, arm.genotype),
                         train.GENOTYPE_FILE)
   path = os.path.join(out, dataset, f'seed{seed}',
                       f'{RANDOM_PREFIX}{arm.genotype}.genotype.json')
@@ -183,8 +210,8 @@ def _finished(workdir: str) -> bool:
 def run_campaign(args: argparse.Namespace, budget: Budget) -> None:
   """Runs every unfinished (dataset, seed, arm), `args.jobs` at a time.
 
-  Within a (dataset, seed) the `train` arm of the searched genotype waits
-  for its search.
+  Within a (dataset, seed) the `train` arms of searched genotypes wait for
+  their searches.
   """
   env = dict(os.environ)
   # One thread per process when several run at once: small networks use a
@@ -199,8 +226,8 @@ def run_campaign(args: argparse.Namespace, budget: Budget) -> None:
         pending = [a for a in arms(args.random_genotypes)
                    if not _finished(workdir_of(args.out, dataset, seed,
                                                a.name))]
-        waves = ([a for a in pending if a.genotype != SEARCHED],
-                 [a for a in pending if a.genotype == SEARCHED])
+        waves = ([a for a in pending if not a.waits_for_search],
+                 [a for a in pending if a.waits_for_search])
         for wave in waves:
           futures = {pool.submit(_run, args, budget, dataset, seed, a, env): a
                      for a in wave}

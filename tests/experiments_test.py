@@ -233,15 +233,24 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   budget = ablate_search.Budget()
   commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
               for arm in ablate_search.arms(args.random_genotypes)}
-  assert len(commands) == 5 + 5
+  assert len(commands) == 5 + 5 + 4
   flags = lambda name: {f for f in commands[name][3:]
                         if not f.startswith('--workdir')}
   assert flags('da_learned') ^ flags('da_uniform') == {
       '--config.da.policy_lr=0.0'}
   assert flags('search') ^ flags('hpo_learned') == {
       '--config.mode=ista_one_stage', '--config.mode=nas_hpo'}
-  searched = [f for f in commands['searched'] if 'genotype=' in f][0]
-  assert searched.endswith(os.path.join('seed1', 'search', 'genotype.json'))
+  # The changed dynamics differ from their arm in that change alone.
+  assert flags('da_learned') ^ flags('da_fast') == {
+      '--config.da.policy_lr=0.05'}
+  assert flags('hpo_learned') ^ flags('hpo_annealed') == {
+      '--config.optimizer.anneal_learned_lr=True'}
+  assert flags('search') ^ flags('search_heldout') == {
+      '--config.nas.code_loss=heldout'}
+  for arm, search in (('searched', 'search'),
+                      ('searched_heldout', 'search_heldout')):
+    genotype = [f for f in commands[arm] if 'genotype=' in f][0]
+    assert genotype.endswith(os.path.join('seed1', search, 'genotype.json'))
   random0 = [f for f in commands['random0'] if 'genotype=' in f][0]
   path = random0.split('=', 1)[1]
   first = open(path).read()

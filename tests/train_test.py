@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dha_jax
 from dha_jax import data
 from dha_jax import hpo
 from dha_jax import parallel
@@ -73,6 +74,65 @@ def test_two_devices_give_the_one_device_result():
   for a, b in zip(jax.tree.leaves(s1.batch_stats),
                   jax.tree.leaves(s2.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def _eta_component(learning_rate: float, weight_decay: float):
+  """Supplies a constant η; reports d(sum θ⁺)/d lr of the update that a
+  hypergradient would differentiate (`ctx.inner_update`)."""
+
+  def update(state, ctx):
+    def total(lr):
+      new = ctx.inner_update({'learning_rate': lr,
+                              'weight_decay': jnp.float32(weight_decay)})
+      return sum(jnp.sum(p) for p in jax.tree.leaves(new))
+    return state, {'dtotal_dlr': jax.grad(total)(jnp.float32(learning_rate))}
+
+  return dha_jax.Component(
+      name='eta', init=lambda key: {}, update=update,
+      hyperparams=lambda state: {
+          'learning_rate': jnp.float32(learning_rate),
+          'weight_decay': jnp.float32(weight_decay)})
+
+
+def test_a_learned_lr_is_annealed_in_the_update_and_in_its_gradient():
+  # optimizer.anneal_learned_lr: θ's learning rate is η times the schedule's
+  # fraction, also inside the update that the hypergradient differentiates.
+  config = tiny_config()
+  model = train.create_model(config, 10)
+  arch = ss.genotype_architecture(ss.DARTS_V2)
+  tx = hpo.optimizer_from_config(config)
+  variables = jax.device_get(train.init_variables(
+      model, arch, (1, 8, 8, 3), jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+           rng.integers(0, 10, (16,)).astype(np.int32))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
+  lr, wd, fraction = 0.2, 1e-3, 0.25
+  results = []
+  for component, scale in ((_eta_component(lr, wd), lambda s: fraction),
+                           (_eta_component(lr * fraction, wd), None)):
+    state = parallel.replicate(mesh, step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=tx.init(variables['params']), components={'eta': {}},
+        rng=jax.random.key_data(jax.random.key(1))))
+    fn = step_lib.make_train_step(
+        mesh, model=model, tx=tx, components=(component,), fixed_arch=arch,
+        pre=pre, aux_weight=config.model.aux_weight,
+        default_hparams=None, drop_path_rate=lambda s: jnp.float32(0.0),
+        learned_lr_scale=scale)
+    sharded = parallel.shard_batch(mesh, batch)
+    results.append(jax.device_get(fn(state, sharded, sharded)))
+  (annealed, m1), (scaled_by_hand, m2) = results
+  np.testing.assert_allclose(m1['learning_rate'], lr * fraction, rtol=1e-6)
+  np.testing.assert_allclose(m2['learning_rate'], lr * fraction, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(annealed.params),
+                  jax.tree.leaves(scaled_by_hand.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # d/dη of θ⁺(η · fraction) is fraction times θ⁺'s derivative there.
+  np.testing.assert_allclose(m1['eta/dtotal_dlr'],
+                             fraction * m2['eta/dtotal_dlr'], rtol=1e-4)
 
 
 @pytest.fixture(scope='module')

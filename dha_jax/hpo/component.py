@@ -25,16 +25,20 @@ REPLACED_FIELDS = {
     'optimizer.schedule': 'the learned η (hpo.*)',
     'optimizer.weight_decay': 'hpo.init_wd and hpo.wd_bounds',
 }
+# The fields that still shape θ's learning rate when η is annealed by them.
+ANNEALED_FIELDS = ('optimizer.schedule', 'optimizer.min_learning_rate')
 
 
 def make_component(config: ml_collections.ConfigDict, params: PyTree,
-                   name: str = 'hpo') -> Component:
+                   name: str = 'hpo', annealed: bool = False) -> Component:
   """The HPO component.
 
   Args:
     config: the HPO config (`default_config`).
     params: θ or its `jax.eval_shape` (online mode: the tangents' shapes).
     name: the component's name (metrics are prefixed with it).
+    annealed: whether the loop scales η's learning rate by the schedule
+      (`optimizer.anneal_learned_lr`); then the schedule is not replaced.
 
   Returns:
     The Component; it reads the held-out batch in exact mode.
@@ -68,4 +72,5 @@ def make_component(config: ml_collections.ConfigDict, params: PyTree,
       hyperparams=lambda state: hg.current_hparams(state, config),
       update=update, epoch_end=epoch_end,
       uses_heldout=config.mode == 'exact', summary=summary,
-      replaces=REPLACED_FIELDS)
+      replaces={k: v for k, v in REPLACED_FIELDS.items()
+                if not (annealed and k in ANNEALED_FIELDS)})
