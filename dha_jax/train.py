@@ -833,6 +833,15 @@ def _save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
       meta=ocp.args.JsonSave(progress.to_json())))
 
 
+def _stop_requested(stop: list[int], done: int, every: int) -> bool:
+  """Whether the run stops after step `done`: at once with one process;
+  with several, they agree every `every` steps, since agreeing is a host
+  round trip that would otherwise stall the device queue at every step."""
+  if jax.process_count() == 1:
+    return bool(stop)
+  return done % every == 0 and parallel.any_process(bool(stop))
+
+
 def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
               progress: Progress, manager: ocp.CheckpointManager,
               writer: MetricsWriter, stop: list[int]
@@ -886,7 +895,8 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
         return state
     if done % config.checkpoint_every_steps == 0 and done < phase.end:
       _save(manager, state, progress, writer)
-    if parallel.any_process(bool(stop)) and done < phase.end:
+    if done < phase.end and _stop_requested(stop, done,
+                                            config.log_every_steps):
       _check_window(writer, history, done, manager)
       _save(manager, state, progress, writer)
       raise Interrupted(stop[0] if stop else signal.SIGTERM, done)

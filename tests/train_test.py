@@ -39,9 +39,9 @@ def _step_fn(mesh, config, model, tx, arch):
       drop_path_rate=lambda s: jnp.float32(0.1))
 
 
-def test_two_devices_give_the_one_device_result():
-  assert jax.device_count() >= 2, 'conftest fakes 2 CPU devices'
-  config = tiny_config()
+def _tiny_network(config):
+  """(model, DARTS_V2 architecture, θ's optimizer, initial variables, a
+  random uint8 batch of 16 8-pixel images and labels)."""
   model = train.create_model(config, 10)
   arch = ss.genotype_architecture(ss.DARTS_V2)
   tx = hpo.optimizer_from_config(config)
@@ -50,17 +50,27 @@ def test_two_devices_give_the_one_device_result():
   rng = np.random.default_rng(0)
   batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
            rng.integers(0, 10, (16,)).astype(np.int32))
+  return model, arch, tx, variables, batch, rng
+
+
+def _initial_state(mesh, tx, variables, components):
+  return parallel.replicate(mesh, step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']), components=components,
+      rng=jax.random.key_data(jax.random.key(1))))
+
+
+def test_two_devices_give_the_one_device_result():
+  assert jax.device_count() >= 2, 'conftest fakes 2 CPU devices'
+  config = tiny_config()
+  model, arch, tx, variables, batch, rng = _tiny_network(config)
   hpo_batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
                rng.integers(0, 10, (16,)).astype(np.int32))
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:2]):
     mesh = parallel.make_mesh(devices)
-    state = step_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'],
-        opt_state=tx.init(variables['params']), components={},
-        rng=jax.random.key_data(jax.random.key(1)))
-    state = parallel.replicate(mesh, state)
+    state = _initial_state(mesh, tx, variables, {})
     fn = _step_fn(mesh, config, model, tx, arch)
     for _ in range(2):
       state, metrics = fn(state, parallel.shard_batch(mesh, batch),
@@ -98,25 +108,14 @@ def test_a_learned_lr_is_annealed_in_the_update_and_in_its_gradient():
   # optimizer.anneal_learned_lr: θ's learning rate is η times the schedule's
   # fraction, also inside the update that the hypergradient differentiates.
   config = tiny_config()
-  model = train.create_model(config, 10)
-  arch = ss.genotype_architecture(ss.DARTS_V2)
-  tx = hpo.optimizer_from_config(config)
-  variables = jax.device_get(train.init_variables(
-      model, arch, (1, 8, 8, 3), jax.random.key(0)))
-  rng = np.random.default_rng(0)
-  batch = (rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
-           rng.integers(0, 10, (16,)).astype(np.int32))
+  model, arch, tx, variables, batch, _ = _tiny_network(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
   pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
   lr, wd, fraction = 0.2, 1e-3, 0.25
   results = []
   for component, scale in ((_eta_component(lr, wd), lambda s: fraction),
                            (_eta_component(lr * fraction, wd), None)):
-    state = parallel.replicate(mesh, step_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'],
-        opt_state=tx.init(variables['params']), components={'eta': {}},
-        rng=jax.random.key_data(jax.random.key(1))))
+    state = _initial_state(mesh, tx, variables, {'eta': {}})
     fn = step_lib.make_train_step(
         mesh, model=model, tx=tx, components=(component,), fixed_arch=arch,
         pre=pre, aux_weight=config.model.aux_weight,
