@@ -17,6 +17,7 @@
 set -u
 OUT=${1:?usage: gpu_figures.sh OUT}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # it stays the same folder after the cd below
 : > "$OUT/status.txt"
 cd "$(dirname "$0")/.."
 
