@@ -162,6 +162,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.heldout_batch_size = 0
   # Evaluation batch size (the last batch is padded and masked).
   config.eval_batch_size = 256
+  # Every this many epochs (0 = never), an 'eval' record of metrics.jsonl
+  # gives the clean (un-augmented) accuracy and loss on the training examples
+  # below and on the HPO split: the learning curves that show overfitting.
+  # The test split is evaluated at the end only.
+  config.eval_every_epochs = 0
+  # The train accuracy (per epoch above, and the summary's `train_accuracy`)
+  # is measured on at most this many training examples, drawn once with
+  # dataset.split_seed (-1: all of them).
+  config.eval_train_examples = 10_000
   # Training length in epochs of the training split, unless num_train_steps
   # is positive, which then wins.
   config.num_epochs = 20

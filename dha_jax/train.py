@@ -67,7 +67,8 @@ PLOT_DPI = 100
 # Config fields that may differ when resuming a workdir (they do not change
 # what is computed).
 RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps',
-                    'keep_checkpoints', 'compilation_cache_dir', 'tensorboard')
+                    'keep_checkpoints', 'compilation_cache_dir', 'tensorboard',
+                    'eval_every_epochs')
 SEARCH, FIXED, TRAIN = modes.SEARCH, modes.FIXED, modes.TRAIN
 
 
@@ -391,6 +392,8 @@ class Run:
   extra: tuple[Component, ...]
   hpo_split: data_lib.Split
   heldout_batch_size: int
+  train_eval: data_lib.Split
+  eval_fn: Callable
   compiled: set = dataclasses.field(default_factory=set)
 
   @classmethod
@@ -413,17 +416,20 @@ class Run:
                  len(ds.test), ds.num_classes, num_devices)
     steps_per_epoch = data_lib.steps_per_epoch(ds.train, config.batch_size)
     model = create_model(config, ds.num_classes)
+    pre = step_lib.Preprocess.from_config(config, ds.mean, ds.std)
     run = cls(
         config=config, workdir=workdir, spec=spec, phases=spec.phases(),
         mesh=mesh, dataset=ds, steps_per_epoch=steps_per_epoch,
         train_steps=_total_steps(config, steps_per_epoch),
         search_budget=modes.search_budget(config, steps_per_epoch),
         model=model, shape=input_shape(config, ds),
-        pre=step_lib.Preprocess.from_config(config, ds.mean, ds.std),
-        tx=hpo_inner.optimizer_from_config(config),
+        pre=pre, tx=hpo_inner.optimizer_from_config(config),
         key=jax.random.key(config.seed),
         extra=load_extra_components(config), hpo_split=ds.train,
-        heldout_batch_size=heldout_batch_size)
+        heldout_batch_size=heldout_batch_size,
+        train_eval=train_eval_subset(ds.train, config.eval_train_examples,
+                                     config.dataset.split_seed),
+        eval_fn=step_lib.make_eval_step(mesh, model=model, pre=pre))
     # The held-out batch feeds the components that declare `uses_heldout`
     # (exact HPO, the two-stage search); other runs never read it, so the
     # training split stands in.
@@ -460,6 +466,16 @@ class Run:
     return param_count(variable_shapes(
         self.model, search_space.make_architecture(support), self.shape,
         train=False)['params'])
+
+
+def train_eval_subset(split: data_lib.Split, max_examples: int, seed: int
+                      ) -> data_lib.Split:
+  """The fixed training examples whose clean (un-augmented) accuracy is
+  the run's train accuracy: all of `split`, or `max_examples` drawn once."""
+  if max_examples < 0 or max_examples >= len(split):
+    return split
+  rng = np.random.default_rng(seed)
+  return split.subset(np.sort(rng.permutation(len(split))[:max_examples]))
 
 
 def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -888,8 +904,14 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
                   window_steps)
       history, window_start, window_steps = [], time.time(), 0
     if (done - phase.start) % spe == 0:
-      state = epoch_end(run, state, phase, (done - phase.start) // spe - 1,
-                        writer)
+      epoch = (done - phase.start) // spe - 1
+      state = epoch_end(run, state, phase, epoch, writer)
+      if config.eval_every_epochs > 0 and (
+          (epoch + 1) % config.eval_every_epochs == 0):
+        writer.write(done, {'phase': 'eval', 'epoch': done / spe,
+                            **evaluate_fit(run, state.params,
+                                           state.batch_stats,
+                                           current_architecture(phase, state))})
       if _search_done(phase, state):
         logging.info('The search is done at step %d.', done)
         return state
@@ -919,6 +941,37 @@ def evaluate(eval_fn, params, batch_stats, arch, split: data_lib.Split,
           'loss': totals['loss_sum'] / count}
 
 
+def current_architecture(phase: Phase, state: step_lib.TrainState
+                         ) -> search_space.Architecture:
+  """The network that `state` runs now: the phase's fixed architecture, or
+  in a search the one its searcher would fix at this point."""
+  if phase.arch is not None:
+    return phase.arch
+  searcher = next(c for c in phase.components
+                  if c.fixed_architecture is not None)
+  return searcher.fixed_architecture(
+      jax.device_get(state.components[searcher.name]))
+
+
+def evaluate_fit(run: Run, params: Any, batch_stats: Any,
+                 arch: search_space.Architecture) -> dict[str, float | None]:
+  """Clean accuracy and loss on the training examples of
+  `run.train_eval` and on the HPO split: how far θ fits what it trains on
+  beyond what it generalises to (the test split is left for the end).
+
+  `params` and `batch_stats` are on the mesh (replicated); `arch` on the
+  host.
+  """
+  repl = parallel.replicate(run.mesh, arch)
+  fit = evaluate(run.eval_fn, params, batch_stats, repl, run.train_eval,
+                 run.config.eval_batch_size, run.mesh)
+  heldout = (evaluate(run.eval_fn, params, batch_stats, repl,
+                      run.dataset.hpo, run.config.eval_batch_size, run.mesh)
+             if len(run.dataset.hpo) else {'accuracy': None, 'loss': None})
+  return {'train_accuracy': fit['accuracy'], 'train_loss': fit['loss'],
+          'hpo_accuracy': heldout['accuracy'], 'hpo_loss': heldout['loss']}
+
+
 def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
                   phase: Phase, progress: Progress, start_time: float
                   ) -> dict[str, Any]:
@@ -927,21 +980,18 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
   config = run.config
   state = jax.device_get(state)
   arch = phase.arch
-  eval_fn = step_lib.make_eval_step(run.mesh, model=run.model, pre=run.pre)
   repl = parallel.replicate(run.mesh, (state.params, state.batch_stats, arch))
-  test = evaluate(eval_fn, *repl, run.dataset.test, config.eval_batch_size,
-                  run.mesh)
+  test = evaluate(run.eval_fn, *repl, run.dataset.test,
+                  config.eval_batch_size, run.mesh)
   # The HPO split is held out from θ's training: choices between runs are
   # made on it, never on the test split.
-  heldout = (evaluate(eval_fn, *repl, run.dataset.hpo, config.eval_batch_size,
-                      run.mesh) if len(run.dataset.hpo) else
-             {'accuracy': None, 'loss': None})
+  fit = evaluate_fit(run, repl[0], repl[1], arch)
   writer.write(int(state.step), {'phase': 'test',
                                  'test_accuracy': test['accuracy'],
-                                 'test_loss': test['loss'],
-                                 'hpo_accuracy': heldout['accuracy']})
-  logging.info('Test accuracy %.4f, loss %.4f (HPO split accuracy %s).',
-               test['accuracy'], test['loss'], heldout['accuracy'])
+                                 'test_loss': test['loss'], **fit})
+  logging.info('Test accuracy %.4f, loss %.4f (HPO split accuracy %s, clean '
+               'train accuracy %.4f).', test['accuracy'], test['loss'],
+               fit['hpo_accuracy'], fit['train_accuracy'])
   # The deployable network: θ pruned to the final support.
   deployed = deployable_variables(run, state, arch)
   genotype_json = json.loads(phase.genotype.to_json())
@@ -949,7 +999,8 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
                              for c, w in arch.weights.items()}
   summary = {'mode': config.mode, 'dataset': run.dataset.name,
              'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-             'hpo_accuracy': heldout['accuracy'],
+             'hpo_accuracy': fit['hpo_accuracy'],
+             'train_accuracy': fit['train_accuracy'],
              'train_steps': int(state.step),
              'search_steps': progress.search_steps,
              'wall_seconds': time.time() - start_time,

@@ -93,11 +93,15 @@ from typing import Any, Sequence
 from configs import default as default_config
 from dha_jax import plots
 from dha_jax import train
-from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT, WORKDIRS
+from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT
 
 BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'cifar10_cell.py')
 DEFAULT_DATA = CIFAR10_ZIP
-DEFAULT_OUT = os.path.join(WORKDIRS, 'reproduce')
+# Inside the repository: what finished runs leave (summary.json,
+# metrics.jsonl, genotype.json, reproduce_wall.json) is committed between
+# sessions, so the comparison resumes on a fresh clone; checkpoints, models,
+# plots, logs and config.json are ignored (.gitignore).
+DEFAULT_OUT = os.path.join(EXPERIMENTS_DIR, 'reproduce_runs')
 
 MODES = ('ista_one_stage', 'nas_da', 'nas_hpo', 'sequential_dha', 'dha')
 PAPER_NAMES = {'ista_one_stage': 'One-Stage ISTA', 'nas_da': 'Joint NAS+DA',
@@ -114,6 +118,7 @@ END_MARKER = '<!-- reproduce:end -->'
 RESULTS_MD = 'RESULTS.md'
 RESULTS_JSON = 'results.json'
 PLOT_FILE = 'reproduce.png'
+CURVES_FILE = 'reproduce_curves.png'
 WALL_FILE = 'reproduce_wall.json'
 LOG_FILE = 'reproduce.log'
 PERCENT = 100.0
@@ -142,18 +147,36 @@ def short_run_settings() -> dict[str, Any]:
 # most that much); neither changes what is computed.
 LOG_EVERY_STEPS = 10
 CHECKPOINT_EVERY_STEPS = 20
+# The learning curves (clean train and HPO-split accuracy) every this many
+# epochs.
+EVAL_EVERY_EPOCHS = 5
+# The paper's CIFAR-10 augmentation is for 32-pixel images: its crop padding
+# and Cutout scale with `--image-size`.
+PAPER_IMAGE_SIZE, PAPER_PAD, PAPER_CUTOUT = 32, 4, 16
+# DHA's search cost over One-Stage ISTA's in the paper's Table 1 (GPU days).
+PAPER_COST_RATIO = 1.39
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """What every run gets: network, data and training length."""
-  steps: int = 92
-  search_epochs: int = 1
-  batch_size: int = 96
-  train_examples: int = 5_000
+  steps: int = 600
+  search_epochs: int = 10
+  batch_size: int = 48
+  train_examples: int = 600
   test_examples: int = 10_000
   channels: int = 8
   layers: int = 3
+  image_size: int = 16
+  val_ratio: float = 0.2
+
+  @property
+  def pad(self) -> int:
+    return PAPER_PAD * self.image_size // PAPER_IMAGE_SIZE
+
+  @property
+  def cutout(self) -> int:
+    return PAPER_CUTOUT * self.image_size // PAPER_IMAGE_SIZE
 
 
 def config_overrides(budget: Budget, data: str, mode: str, seed: int,
@@ -175,12 +198,16 @@ def config_overrides(budget: Budget, data: str, mode: str, seed: int,
       'dataset.source': 'image_folder', 'dataset.path': data,
       'dataset.max_train_examples': budget.train_examples,
       'dataset.max_test_examples': budget.test_examples,
+      'dataset.image_size': budget.image_size,
+      'dataset.val_ratio': budget.val_ratio,
+      'preprocess.pad': budget.pad, 'preprocess.cutout_size': budget.cutout,
       'model.channels': budget.channels, 'model.layers': budget.layers,
       'model.auxiliary': False,
       'num_train_steps': budget.steps, 'batch_size': budget.batch_size,
       'nas.search_epochs': budget.search_epochs, **short_run_settings(),
       'log_every_steps': LOG_EVERY_STEPS,
-      'checkpoint_every_steps': CHECKPOINT_EVERY_STEPS}
+      'checkpoint_every_steps': CHECKPOINT_EVERY_STEPS,
+      'eval_every_epochs': EVAL_EVERY_EPOCHS}
   flags = [f'--config.{k}={v}' for k, v in fields.items()]
   return flags + [f'--config.{e}' for e in extra]
 
@@ -248,6 +275,26 @@ def log_tail(workdir: str, lines: int = LOG_TAIL_LINES) -> str:
     return ''.join(f.readlines()[-lines:])
 
 
+def search_outcome(workdir: str) -> dict[str, Any]:
+  """What the searches of a finished run learned, from its metrics.jsonl.
+
+  Returns:
+    `tau_entropy`: τ's entropy (nats) at the last DA epoch (None without DA);
+    `support_changed`: whether the final support differs from the initial
+    one (None without NAS); `curve`: the 'eval' records (epoch,
+    train_accuracy, hpo_accuracy).
+  """
+  records = train.read_metrics(workdir)
+  da = [r for r in records if r['phase'] == 'da_epoch']
+  nas = [r for r in records if r['phase'] == 'nas_epoch']
+  return {
+      'tau_entropy': da[-1]['entropy'] if da else None,
+      'support_changed': (nas[-1]['pairs_changed_from_start'] > 0
+                          if nas else None),
+      'curve': [{k: r[k] for k in ('epoch', 'train_accuracy', 'hpo_accuracy')}
+                for r in records if r['phase'] == 'eval']}
+
+
 def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
             ) -> list[dict[str, Any]]:
   """One record per (mode, seed): its summary, or why it has none.
@@ -255,8 +302,9 @@ def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
   Returns:
     Dicts with `mode`, `seed`, `workdir`, `status` ('finished', 'failed',
     'interrupted' or 'not run'), and for finished runs `test_accuracy`,
+    `hpo_accuracy`, `train_accuracy` (clean, on the training split),
     `wall_seconds` (all sessions), `train_steps`, `search_steps`,
-    `param_count`, `genotype`.
+    `param_count`, `genotype` and `search_outcome`'s keys.
   """
   records = []
   for mode in modes:
@@ -268,12 +316,14 @@ def collect(out: str, modes: Sequence[str], seeds: Sequence[int]
       if summary is not None:
         record.update(
             status='finished', test_accuracy=summary['test_accuracy'],
+            hpo_accuracy=summary['hpo_accuracy'],
+            train_accuracy=summary.get('train_accuracy'),
             wall_seconds=(wall['seconds'] if wall
                           else summary['wall_seconds']),
             train_steps=summary['train_steps'],
             search_steps=summary['search_steps'],
             param_count=summary['param_count'],
-            genotype=summary['genotype'])
+            genotype=summary['genotype'], **search_outcome(workdir))
       elif wall is not None:
         # No exit status: the last session was interrupted (it resumes).
         record.update(status=('interrupted' if wall['last_rc'] is None
@@ -292,16 +342,27 @@ def summarize(records: Sequence[dict[str, Any]], modes: Sequence[str]
 
   The standard deviation is the sample one (n - 1); None with one run.
   """
+  def mean_of(done, key):
+    values = [r[key] for r in done if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
   out = {}
   for mode in modes:
     done = [r for r in records
             if r['mode'] == mode and r['status'] == 'finished']
     acc = [r['test_accuracy'] for r in done]
+    changed = [r['support_changed'] for r in done
+               if r.get('support_changed') is not None]
     out[mode] = {
         'runs': len(done),
         'accuracies': acc,
         'mean_accuracy': statistics.fmean(acc) if acc else None,
         'sd_accuracy': statistics.stdev(acc) if len(acc) > 1 else None,
+        'mean_train_accuracy': mean_of(done, 'train_accuracy'),
+        'mean_hpo_accuracy': mean_of(done, 'hpo_accuracy'),
+        'mean_tau_entropy': mean_of(done, 'tau_entropy'),
+        'support_changed': (f'{sum(changed)} of {len(changed)}' if changed
+                            else None),
         'mean_wall_seconds': (statistics.fmean(r['wall_seconds'] for r in done)
                               if done else None),
         'mean_search_steps': (statistics.fmean(r['search_steps'] for r in done)
@@ -322,6 +383,18 @@ def format_mean_sd(values: Sequence[float], scale: float = PERCENT,
   return f'{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}'
 
 
+def _optional(value: float | None, scale: float, digits: int) -> str:
+  return '—' if value is None else f'{value * scale:.{digits}f}'
+
+
+def cost_ratio(records: Sequence[dict[str, Any]]) -> float | None:
+  """Mean wall time per run of `dha` over that of `ista_one_stage` (the
+  paper's Table 1 compares the same two: 1.39)."""
+  stats = summarize(records, ('dha', 'ista_one_stage'))
+  dha, ista = (stats[m]['mean_wall_seconds'] for m in ('dha', 'ista_one_stage'))
+  return None if dha is None or ista is None else dha / ista
+
+
 def _seed_cell(record: dict[str, Any]) -> str:
   if record['status'] == 'finished':
     return f"{record['test_accuracy'] * PERCENT:.2f}"
@@ -335,7 +408,8 @@ def format_table(records: Sequence[dict[str, Any]], modes: Sequence[str],
   """The Markdown table: one row per mode, every seed's accuracy listed."""
   head = (['method', 'mode', 'test acc. % (mean ± sd)']
           + [f'seed {s}' for s in seeds]
-          + ['wall / run (min)', 'search steps', 'params',
+          + ['HPO split acc. %', 'train acc. % (clean)', 'τ entropy (nats)',
+             'support changed', 'wall / run (min)', 'search steps', 'params',
              'paper (full scale)'])
   rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
   stats = summarize(records, modes)
@@ -346,7 +420,11 @@ def format_table(records: Sequence[dict[str, Any]], modes: Sequence[str],
     cells = ([PAPER_NAMES.get(mode, mode), f'`{mode}`',
               format_mean_sd(s['accuracies'])]
              + [_seed_cell(by_seed[seed]) for seed in seeds]
-             + [f"{s['mean_wall_seconds'] / SECONDS_PER_MINUTE:.1f}"
+             + [_optional(s['mean_hpo_accuracy'], PERCENT, 2),
+                _optional(s['mean_train_accuracy'], PERCENT, 2),
+                _optional(s['mean_tau_entropy'], 1.0, 3),
+                s['support_changed'] or '—',
+                f"{s['mean_wall_seconds'] / SECONDS_PER_MINUTE:.1f}"
                 if done else '—',
                 f"{s['mean_search_steps']:.0f}" if done else '—',
                 f"{s['mean_param_count']:,.0f}" if done else '—',
@@ -403,20 +481,29 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
       f'{total / SECONDS_PER_HOUR:.2f} h of run wall time in all.',
       '',
       f'Budget, identical for every mode: {budget.train_examples:,} CIFAR-10 '
-      'training images (the HPO split a `dataset.val_ratio` share of them), '
-      f'{budget.test_examples:,} test images, a DARTS network of '
+      f'training images (the HPO split {budget.val_ratio:.0%} of them) and '
+      f'{budget.test_examples:,} test images at {budget.image_size} px (crop '
+      f'padding {budget.pad}, Cutout {budget.cutout}: the paper\'s, scaled '
+      'to the image size), a DARTS network of '
       f'C = {budget.channels} and {budget.layers} cells (no auxiliary head), '
       f'{budget.steps} training steps of batch {budget.batch_size}, a search '
       f'of at most {budget.search_epochs} epoch(s) (the two-stage '
       '`sequential_dha` searches first, then trains its genotype from '
       f'scratch for the {budget.steps} steps); `configs/cifar10_cell.py` '
       'otherwise. Test accuracy of the final network; the sd is the sample '
-      'sd over seeds. Wall time is the whole process (data loading and '
-      'compilation included).',
+      'sd over seeds. The HPO split and clean train accuracies are means '
+      'over seeds, measured on the final network without augmentation; τ\'s '
+      'entropy is the last DA epoch\'s (uniform: 5.278); "support changed" '
+      'counts the seeds whose final support differs from the initial one. '
+      'Wall time is the whole process (data loading and compilation '
+      'included).',
       '',
       format_table(records, args.modes, args.seeds),
       '',
+      _cost_line(records),
+      '',
       f'![test accuracy per mode]({PLOT_FILE})',
+      f'![learning curves, first seed of each mode]({CURVES_FILE})',
       '',
       'The paper column is CIFAR-10 at full scale (C = 36, 20 cells, 600 '
       'epochs; Tables 1 and 3) and is not comparable in absolute terms: '
@@ -428,6 +515,42 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
               + ', '.join(f"`{r['workdir']}` ({r['status']})" for r in failed)
               + '.']
   return '\n'.join(lines)
+
+
+def _cost_line(records: Sequence[dict[str, Any]]) -> str:
+  ratio = cost_ratio(records)
+  if ratio is None:
+    return ('Cost ratio DHA / One-Stage ISTA: not measured (a mode has no '
+            f'finished run); the paper\'s is {PAPER_COST_RATIO}.')
+  return (f'Cost ratio DHA / One-Stage ISTA (mean wall time per run): '
+          f'{ratio:.2f}, against the paper\'s {PAPER_COST_RATIO} (Table 1, '
+          'GPU days).')
+
+
+def plot_curves(records: Sequence[dict[str, Any]], modes: Sequence[str],
+                path: str) -> None:
+  """Clean train and HPO-split accuracy against the epoch, one panel per
+  mode, of the first finished seed of each mode."""
+  fig, axes = plots.plt.subplots(1, len(modes), sharey=True, squeeze=False,
+                                 figsize=(2.6 * len(modes), 3.0))
+  for ax, mode in zip(axes[0], modes):
+    done = [r for r in records
+            if r['mode'] == mode and r['status'] == 'finished']
+    ax.set_xlabel('epoch')
+    if not done or not done[0]['curve']:
+      ax.set_title(PAPER_NAMES.get(mode, mode), fontsize=9)
+      continue
+    ax.set_title(f"{PAPER_NAMES.get(mode, mode)}, seed {done[0]['seed']}",
+                 fontsize=9)
+    curve = done[0]['curve']
+    for key, label in (('train_accuracy', 'train (clean)'),
+                       ('hpo_accuracy', 'HPO split')):
+      ax.plot([p['epoch'] for p in curve],
+              [p[key] * PERCENT for p in curve], marker='.', label=label)
+  axes[0, 0].set_ylabel('accuracy (%)')
+  axes[0, 0].legend(fontsize=8)
+  fig.tight_layout()
+  train.save_figure(fig, path)
 
 
 def plot(records: Sequence[dict[str, Any]], modes: Sequence[str],
@@ -471,6 +594,7 @@ def write_reports(records: Sequence[dict[str, Any]],
       'seeds': list(args.seeds), 'summary': summarize(records, args.modes),
       'runs': list(records)})
   plot(records, args.modes, os.path.join(args.report_dir, PLOT_FILE))
+  plot_curves(records, args.modes, os.path.join(args.report_dir, CURVES_FILE))
 
 
 def _int_list(text: str) -> list[int]:
@@ -512,6 +636,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       default=defaults.test_examples)
   parser.add_argument('--channels', type=int, default=defaults.channels)
   parser.add_argument('--layers', type=int, default=defaults.layers)
+  parser.add_argument('--image-size', type=int, default=defaults.image_size,
+                      help='pixels; crop padding and Cutout scale with it')
+  parser.add_argument('--val-ratio', type=float, default=defaults.val_ratio,
+                      help='share of the training images in the HPO split')
   parser.add_argument('--set', action='append', default=[],
                       metavar='FIELD=VALUE',
                       help='another config override, e.g. hpo.mode=online '
@@ -572,7 +700,8 @@ def main(argv: Sequence[str]) -> int:
                   batch_size=args.batch_size,
                   train_examples=args.train_examples,
                   test_examples=args.test_examples, channels=args.channels,
-                  layers=args.layers)
+                  layers=args.layers, image_size=args.image_size,
+                  val_ratio=args.val_ratio)
   if not args.report_only and not os.path.exists(args.data):
     print(f'error: no CIFAR-10 data at {args.data}; pass --data PATH of the '
           'image-folder zip (train/<class>/*.jpg, test/<class>/*.jpg).',
@@ -591,7 +720,7 @@ def main(argv: Sequence[str]) -> int:
   write_reports(records, args, budget)
   print(format_table(records, args.modes, args.seeds))
   print(f'Reports in {args.report_dir}: {RESULTS_MD}, {RESULTS_JSON}, '
-        f'{PLOT_FILE}.')
+        f'{PLOT_FILE}, {CURVES_FILE}.')
   return 0 if all(r['status'] == 'finished' for r in records) else 1
 
 

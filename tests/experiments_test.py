@@ -122,7 +122,10 @@ def test_format_mean_sd_uses_the_sample_sd_in_percent():
 def _records():
   def done(mode, seed, acc):
     return {'mode': mode, 'seed': seed, 'workdir': f'/w/{mode}_{seed}',
-            'status': 'finished', 'test_accuracy': acc, 'wall_seconds': 120.0,
+            'status': 'finished', 'test_accuracy': acc,
+            'hpo_accuracy': acc - 0.1, 'train_accuracy': acc + 0.2,
+            'tau_entropy': 5.0 + seed / 10, 'support_changed': seed > 0,
+            'curve': [], 'wall_seconds': 120.0 * (1 + (mode == 'dha')),
             'train_steps': 10, 'search_steps': 4, 'param_count': 1000,
             'genotype': {}}
   return [done('dha', 0, 0.5), done('dha', 1, 0.6), done('dha', 2, 0.7),
@@ -139,9 +142,20 @@ def test_format_table_lists_every_seed_and_the_mean_sd():
   assert len(lines) == 4
   assert lines[0].count('|') == lines[2].count('|') == lines[3].count('|')
   nas_da, dha = lines[2], lines[3]
-  assert '| DHA | `dha` | 60.00 ± 10.00 | 50.00 | 60.00 | 70.00 | 2.0 |' in dha
+  # Test accuracy per seed, then the means of HPO split and clean train
+  # accuracy, τ's entropy, the seeds whose support changed, the wall time.
+  assert ('| DHA | `dha` | 60.00 ± 10.00 | 50.00 | 60.00 | 70.00 | 50.00 | '
+          '80.00 | 5.100 | 2 of 3 | 4.0 |') in dha
   assert '98.11 ± 0.26' in dha
-  assert '40.00 (n=1) | 40.00 | failed (exit 1) | not run |' in nas_da
+  assert ('40.00 (n=1) | 40.00 | failed (exit 1) | not run | 30.00 | 60.00 '
+          '| 5.000 | 0 of 1 | 2.0 |') in nas_da
+
+
+def test_cost_ratio_is_dha_wall_time_over_one_stage_ista():
+  records = _records()
+  assert reproduce.cost_ratio(records) is None  # no ista_one_stage run
+  ista = dict(records[0], mode='ista_one_stage', wall_seconds=100.0)
+  assert reproduce.cost_ratio(records + [ista]) == pytest.approx(2.4)
 
 
 def test_summarize_leaves_failed_runs_out_of_the_mean():
@@ -156,7 +170,8 @@ def test_collect_reads_summaries_and_wall_times(tmp_path):
   finished = reproduce.workdir_of(str(tmp_path), 'dha', 0)
   os.makedirs(finished)
   with open(os.path.join(finished, train.SUMMARY_FILE), 'w') as f:
-    json.dump({'test_accuracy': 0.25, 'wall_seconds': 9.0, 'train_steps': 3,
+    json.dump({'test_accuracy': 0.25, 'hpo_accuracy': 0.2,
+               'train_accuracy': 0.5, 'wall_seconds': 9.0, 'train_steps': 3,
                'search_steps': 2, 'param_count': 77, 'genotype': {}}, f)
   with open(os.path.join(finished, reproduce.WALL_FILE), 'w') as f:
     json.dump({'seconds': 30.0, 'sessions': 2, 'last_rc': 0}, f)
@@ -165,10 +180,23 @@ def test_collect_reads_summaries_and_wall_times(tmp_path):
     os.makedirs(workdir)
     with open(os.path.join(workdir, reproduce.WALL_FILE), 'w') as f:
       json.dump({'seconds': 4.0, 'sessions': 1, 'last_rc': rc}, f)
+  with open(os.path.join(finished, train.METRICS_FILE), 'w') as f:
+    for record in ({'phase': 'nas_epoch', 'pairs_changed_from_start': 0},
+                   {'phase': 'da_epoch', 'entropy': 5.2},
+                   {'phase': 'eval', 'epoch': 1.0, 'train_accuracy': 0.5,
+                    'hpo_accuracy': 0.25, 'train_loss': 1.0},
+                   {'phase': 'nas_epoch', 'pairs_changed_from_start': 3},
+                   {'phase': 'da_epoch', 'entropy': 4.9}):
+      f.write(json.dumps(record) + '\n')
   records = reproduce.collect(str(tmp_path), ['dha'], [0, 1, 2, 3])
   assert [r['status'] for r in records] == ['finished', 'failed',
                                             'interrupted', 'not run']
   assert records[0]['test_accuracy'] == 0.25
+  # The last epoch of each search; the learning curve's points.
+  assert records[0]['tau_entropy'] == 4.9
+  assert records[0]['support_changed'] is True
+  assert records[0]['curve'] == [{'epoch': 1.0, 'train_accuracy': 0.5,
+                                  'hpo_accuracy': 0.25}]
   assert records[0]['wall_seconds'] == 30.0  # all sessions, not the last
   assert records[1]['exit_status'] == 2
 
@@ -181,6 +209,11 @@ def test_config_overrides_share_the_budget_and_short_run_nas_scale():
   assert '--config.seed=3' in flags
   assert '--config.dataset.path=/d/c10.zip' in flags
   assert '--config.num_train_steps=7' in flags
+  # The paper's crop padding and Cutout, scaled to 16 px.
+  assert '--config.dataset.image_size=16' in flags
+  assert '--config.preprocess.pad=2' in flags
+  assert '--config.preprocess.cutout_size=8' in flags
+  assert '--config.eval_every_epochs=5' in flags
   assert '--config.nas.alpha_norm=mean_abs' in flags
   assert '--config.nas.freeze_rule=relative' in flags
   assert '--config.da.policy_optimizer=adam' in flags
@@ -213,6 +246,8 @@ def test_reproduce_and_landscape_smoke(tmp_path, capsys):
   assert text.startswith('# Results\n\nkept text\n')
   assert f"{run['test_accuracy'] * 100:.2f}" in text
   assert (report / reproduce.PLOT_FILE).stat().st_size > 0
+  assert (report / reproduce.CURVES_FILE).stat().st_size > 0
+  assert 0.0 <= run['train_accuracy'] <= 1.0
   # Rerunning finds the run finished: nothing is retrained.
   assert reproduce.main(argv) == 0
   assert 'already finished' in capsys.readouterr().out

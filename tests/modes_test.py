@@ -27,6 +27,7 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
   # span the dense super-network); the online one runs in the notebook test.
   extra = ({'heldout_batch_size': 4, 'hpo.mode': 'exact'} if mode == 'dha'
            else {'hpo.mode': 'exact'} if mode == 'nas_hpo' else {})
+  extra['eval_every_epochs'] = 1
   proc = subprocess.run(
       [sys.executable, '-m', 'dha_jax.main', '--config=configs/default.py',
        f'--workdir={workdir}', f'--config.mode={mode}']
@@ -60,6 +61,15 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
                                                       'metrics.jsonl'))]
   phases = {r['phase'] for r in records}
   assert ('search' in phases) == (spec.search is not None)
+  # The learning curves: each epoch's end (3 steps of 8 of the 30 training
+  # examples), also inside a search (on the network it would fix there).
+  evals = [r for r in records if r['phase'] == 'eval']
+  epoch_ends = [3, 6] if spec.search == 'two_stage' else [3]
+  assert [r['step'] for r in evals] == epoch_ends
+  for r in evals:
+    assert 0.0 <= r['train_accuracy'] <= 1.0 and r['train_loss'] > 0
+    assert 0.0 <= r['hpo_accuracy'] <= 1.0 and r['hpo_loss'] > 0
+  assert 0.0 <= summary['train_accuracy'] <= 1.0
   if 'hpo' in spec.components:
     assert any('hpo/learning_rate' in r for r in records)
   # What each search did, per epoch and in one log line at its end.

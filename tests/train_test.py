@@ -179,6 +179,39 @@ def test_tensorboard_events_hold_the_logged_scalars_and_plots(finished_run):
   assert images == ['hparams']
 
 
+def test_train_eval_subset_is_fixed_and_capped():
+  split = data.Split(data.ArraySource(np.zeros((20, 2, 2, 3), np.uint8)),
+                     np.arange(20, dtype=np.int32))
+  assert train.train_eval_subset(split, -1, seed=0) is split
+  assert train.train_eval_subset(split, 20, seed=0) is split
+  subset = train.train_eval_subset(split, 5, seed=0)
+  assert len(subset) == 5 and len(set(subset.labels)) == 5
+  np.testing.assert_array_equal(
+      subset.labels, train.train_eval_subset(split, 5, seed=0).labels)
+  assert not np.array_equal(subset.labels,
+                            train.train_eval_subset(split, 5, seed=1).labels)
+
+
+@pytest.mark.slow
+def test_eval_records_give_the_learning_curves(tmp_path):
+  """One epoch of 14 steps, evaluated at its end: the record there and the
+  summary measure the same θ on the same examples."""
+  config = tiny_config()
+  config.num_train_steps = 14  # 230 training examples / 16
+  config.eval_every_epochs = 1
+  config.eval_train_examples = 50
+  summary = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  records = train.read_metrics(str(tmp_path / 'wd'))
+  evals = [r for r in records if r['phase'] == 'eval']
+  assert [(r['step'], r['epoch']) for r in evals] == [(14, 1.0)]
+  assert evals[0]['train_accuracy'] == summary['train_accuracy']
+  assert evals[0]['hpo_accuracy'] == summary['hpo_accuracy']
+  assert np.isfinite(evals[0]['train_loss']) and evals[0]['hpo_loss'] > 0
+  # 50 examples: accuracy in steps of 1/50.
+  assert summary['train_accuracy'] * 50 == pytest.approx(
+      round(summary['train_accuracy'] * 50))
+
+
 def test_finished_run_is_not_retrained(finished_run):
   workdir, summary = finished_run
   before = os.path.getmtime(os.path.join(workdir, 'metrics.jsonl'))
