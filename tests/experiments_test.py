@@ -252,7 +252,9 @@ def test_reproduce_and_landscape_smoke(tmp_path, capsys):
   assert reproduce.main(argv) == 0
   assert 'already finished' in capsys.readouterr().out
 
-  assert landscape.main(['--workdirs', run['workdir'], '--out-dir',
+  assert not os.path.isabs(run['workdir'])
+  workdir = os.path.join(reproduce.REPO_ROOT, run['workdir'])
+  assert landscape.main(['--workdirs', workdir, '--out-dir',
                          str(report), '--grid', '2', '--examples', '8']) == 0
   name = os.path.basename(run['workdir'])
   grid = json.loads((report / f'{name}_landscape.json').read_text())
