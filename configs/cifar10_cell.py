@@ -23,8 +23,9 @@ import ml_collections
 from configs import default
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+def set_cifar10_data(config: ml_collections.ConfigDict) -> None:
+  """CIFAR-10 at 32 px with the DARTS augmentation (pad-and-crop, flip,
+  Cutout 16), from TFDS; the space's configs share it."""
   # Data: TFDS cifar10 by default (the paper's data); see the docstring for
   # the image-folder zip of this repository's machine.
   config.dataset.source = 'tfds'
@@ -40,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.preprocess.pad = 4
   config.preprocess.flip = True
   config.preprocess.cutout_size = 16
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  set_cifar10_data(config)
   # The ISTA-NAS one-stage network: C=36, 20 cells, auxiliary head.
   config.model.channels = 36
   config.model.layers = 20

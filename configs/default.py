@@ -78,18 +78,37 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --------------------------------------------------------------- network
   config.model = ml_collections.ConfigDict()
-  # Width C of the first cells (doubled at each reduction cell).
+  # The search space and its network (dha_jax/nas/spaces.py): 'darts_cell'
+  # (DARTS cells in the DARTS network) or 'mobilenet' (ProxylessNAS' chain
+  # of MBConv layers, configs/cifar10_mobilenet.py, imagenet_mobilenet.py).
+  config.model.space = 'darts_cell'
+  # DARTS cells: width C of the first cells (doubled at each reduction
+  # cell).
   config.model.channels = 8
-  # Number of cells; reduction cells sit at 1/3 and 2/3 of the depth.
+  # DARTS cells: number of cells; reduction cells sit at 1/3 and 2/3 of the
+  # depth.
   config.model.layers = 3
-  # 'cifar' (3x3 conv stem) or 'imagenet' (three stride-2 convs).
+  # 'cifar' or 'imagenet'. DARTS: a 3x3 conv stem or three stride-2 convs;
+  # MobileNet: stride 1 or 2 in both the stem and the first stage.
   config.model.stem = 'cifar'
-  # Auxiliary head after cell 2*layers//3, weighted by aux_weight.
+  # DARTS cells: auxiliary head after cell 2*layers//3, weighted by
+  # aux_weight (the MobileNet network has none: keep it False there).
   config.model.auxiliary = False
   config.model.aux_weight = 0.4
-  # Fixed architecture: 'darts_v2' or the path of a genotype.json.
+  # MobileNet: searchable layers in each of ProxylessNAS-mobile's 6 stages
+  # (widths 32, 40, 80, 96, 192, 320; strides 2, 2, 2, 1, 2, 1; 0 leaves a
+  # stage out); every width times width_multiplier, rounded to a multiple
+  # of 8; the width of the 1x1 conv before pooling (scaled only by a
+  # multiplier above 1, as ProxylessNAS).
+  config.model.stage_layers = (4, 4, 4, 4, 4, 1)
+  config.model.width_multiplier = 1.0
+  config.model.head_channels = 1280
+  # Fixed architecture: a built-in genotype of model.space ('darts_v2';
+  # MobileNet: 'proxyless_mobile') or the path of a genotype.json of it.
   config.model.genotype = 'darts_v2'
   # Final drop-path probability (ramps linearly from 0 over training).
+  # DARTS: every op but the identity; MobileNet: the searched branch of a
+  # residual layer (stochastic depth).
   config.model.drop_path_prob = 0.0
   # Implementation of the depthwise convs of sep/dil convs: 'grouped'
   # (feature_group_count, fastest on GPU/TPU), 'shifted' (k² shifted

@@ -29,6 +29,7 @@ from dha_jax import hpo
 from dha_jax.augment import component as da_component
 from dha_jax.components import Component
 from dha_jax.nas import component as nas_component
+from dha_jax.nas import spaces
 
 SEARCH, FIXED, TRAIN = 'search', 'fixed', 'train'
 ONE_STAGE, TWO_STAGE = 'one_stage', 'two_stage'
@@ -140,18 +141,21 @@ class BuildContext:
   Attributes:
     search: the mode's search kind (ModeSpec.search).
     param_shapes: θ's shapes in the phase (`jax.eval_shape` structs).
-    param_count: maps a NAS support {cell: CellSupport} to the parameter
+    param_count: maps a NAS support {group: CellSupport} to the parameter
       count of the network built on it (Eq. 1's resource).
+    space: the search space of `config.model.space`.
   """
   search: str | None
   param_shapes: Any
   param_count: Callable[[dict], int]
+  space: spaces.SearchSpace
 
 
 def _nas(config: ml_collections.ConfigDict, ctx: BuildContext) -> Component:
   nas_config = (nas_component.two_stage_config(config.nas)
                 if ctx.search == TWO_STAGE else config.nas)
-  return nas_component.make_component(nas_config, ctx.param_count)
+  return nas_component.make_component(nas_config, ctx.param_count,
+                                      space=ctx.space)
 
 
 FACTORIES: dict[str, Callable[[ml_collections.ConfigDict, BuildContext],

@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
+import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,7 @@ from dha_jax.hpo import inner as hpo_inner
 from dha_jax.nas import depthwise
 from dha_jax.nas import network
 from dha_jax.nas import search_space
+from dha_jax.nas import spaces
 
 SUMMARY_FILE = 'summary.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -262,7 +264,8 @@ def ignored_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
   those that a component of every weight-training phase replaces."""
   spec = modes.mode_spec(config.mode)
   ctx = modes.BuildContext(search=spec.search, param_shapes=None,
-                           param_count=lambda support: 0)
+                           param_count=lambda support: 0,
+                           space=spaces.from_config(config))
   final = [p for p in spec.phases() if p.trains_final_weights]
   per_phase = []
   for phase in final:
@@ -292,25 +295,26 @@ def make_workdir(workdir: str) -> None:
 
 
 # ------------------------------------------------------------ construction
-def load_genotype(spec: str) -> search_space.Genotype:
-  """'darts_v2' or the path of a genotype.json."""
-  if spec in search_space.GENOTYPES:
-    return search_space.GENOTYPES[spec]
+def load_genotype(spec: str, space: spaces.SearchSpace = spaces.cell_space()
+                  ) -> spaces.Genotype:
+  """A built-in genotype of `space` ('darts_v2', 'proxyless_mobile') or the
+  path of a genotype.json of that space."""
+  if spec in space.genotypes:
+    return space.genotypes[spec]
   if not os.path.exists(spec):
     raise RunError(f'model.genotype={spec!r} is neither a built-in genotype '
-                   f'({sorted(search_space.GENOTYPES)}) nor an existing '
+                   f'of model.space={space.name!r} '
+                   f'({sorted(space.genotypes)}) nor an existing '
                    'genotype.json file.')
   with open(spec) as f:
-    return search_space.Genotype.from_json(f.read())
+    return space.parse_genotype(f.read())
 
 
 def create_model(config: ml_collections.ConfigDict,
-                 num_classes: int) -> network.DARTSNetwork:
-  m = config.model
-  depthwise.check_implementation(m.depthwise)
-  return network.DARTSNetwork(num_classes=num_classes, channels=m.channels,
-                              layers=m.layers, auxiliary=m.auxiliary,
-                              stem=m.stem, depthwise=m.depthwise)
+                 num_classes: int) -> nn.Module:
+  """The network of `config.model` (`model.space` picks its kind)."""
+  depthwise.check_implementation(config.model.depthwise)
+  return spaces.create_network(config.model, num_classes)
 
 
 def input_shape(config: ml_collections.ConfigDict,
@@ -321,7 +325,7 @@ def input_shape(config: ml_collections.ConfigDict,
   return (1, size, size, 3)
 
 
-def init_variables(model: network.DARTSNetwork, arch: search_space.Architecture,
+def init_variables(model: nn.Module, arch: search_space.Architecture,
                    shape: tuple[int, ...], key: jax.Array,
                    train: bool = True) -> dict:
   """Initialises params and batch stats eagerly.
@@ -337,7 +341,7 @@ def init_variables(model: network.DARTSNetwork, arch: search_space.Architecture,
           'batch_stats': variables['batch_stats']}
 
 
-def variable_shapes(model: network.DARTSNetwork,
+def variable_shapes(model: nn.Module,
                     arch: search_space.Architecture,
                     shape: tuple[int, ...], train: bool = True) -> dict:
   """{'params', 'batch_stats'} of `arch`'s network as shape structs (no
@@ -384,7 +388,8 @@ class Run:
   steps_per_epoch: int
   train_steps: int
   search_budget: int
-  model: network.DARTSNetwork
+  space: spaces.SearchSpace
+  model: nn.Module
   shape: tuple[int, int, int, int]
   pre: step_lib.Preprocess
   tx: optax.GradientTransformation
@@ -415,14 +420,18 @@ class Run:
                  '%d devices.', ds.name, len(ds.train), len(ds.hpo),
                  len(ds.test), ds.num_classes, num_devices)
     steps_per_epoch = data_lib.steps_per_epoch(ds.train, config.batch_size)
+    space = spaces.from_config(config)
     model = create_model(config, ds.num_classes)
+    if spec.search is None:
+      # The genotype must be of this space: fail before the workdir is made.
+      space.genotype_to_support(load_genotype(config.model.genotype, space))
     pre = step_lib.Preprocess.from_config(config, ds.mean, ds.std)
     run = cls(
         config=config, workdir=workdir, spec=spec, phases=spec.phases(),
         mesh=mesh, dataset=ds, steps_per_epoch=steps_per_epoch,
         train_steps=_total_steps(config, steps_per_epoch),
         search_budget=modes.search_budget(config, steps_per_epoch),
-        model=model, shape=input_shape(config, ds),
+        space=space, model=model, shape=input_shape(config, ds),
         pre=pre, tx=hpo_inner.optimizer_from_config(config),
         key=jax.random.key(config.seed),
         extra=load_extra_components(config), hpo_split=ds.train,
@@ -444,7 +453,8 @@ class Run:
     weights are deployed."""
     ctx = modes.BuildContext(search=self.spec.search,
                              param_shapes=param_shapes,
-                             param_count=self.param_count_of)
+                             param_count=self.param_count_of,
+                             space=self.space)
     built = modes.build_components(phase.components, self.config, ctx)
     return built + (self.extra if phase.trains_final_weights else ())
 
@@ -455,8 +465,7 @@ class Run:
 
   def dense_architecture(self) -> search_space.Architecture:
     """Every op on every edge: θ of a search holds every op's parameters."""
-    ops = search_space.primitives(self.config.nas.include_none)
-    return search_space.make_architecture(search_space.dense_support(ops))
+    return search_space.make_architecture(self.space.dense_support())
 
   def variable_shapes(self, arch: search_space.Architecture) -> dict:
     return variable_shapes(self.model, arch, self.shape)
@@ -531,7 +540,7 @@ class Phase:
   end: int
   components: tuple[Component, ...]
   arch: search_space.Architecture | None
-  genotype: search_space.Genotype | None
+  genotype: spaces.Genotype | None
 
   @property
   def name(self) -> str:
@@ -546,18 +555,18 @@ def phase_index(run: Run, name: str) -> int:
   return names.index(name)
 
 
-def _phase_genotype(run: Run, progress: Progress) -> search_space.Genotype:
+def _phase_genotype(run: Run, progress: Progress) -> spaces.Genotype:
   """The genotype of a genotype phase: the search's, else the config's."""
   if progress.genotype is not None:
-    return search_space.Genotype.from_json(json.dumps(progress.genotype))
-  return load_genotype(run.config.model.genotype)
+    return run.space.parse_genotype(json.dumps(progress.genotype))
+  return load_genotype(run.config.model.genotype, run.space)
 
 
 def _init_architecture(run: Run, spec: modes.PhaseSpec, progress: Progress
                        ) -> search_space.Architecture:
   """The architecture a fresh state of `spec` is initialised on."""
   if spec.architecture == modes.ARCH_GENOTYPE:
-    return search_space.genotype_architecture(_phase_genotype(run, progress))
+    return run.space.genotype_architecture(_phase_genotype(run, progress))
   return run.dense_architecture()
 
 
@@ -609,14 +618,14 @@ def build_phase(run: Run, progress: Progress, state: step_lib.TrainState
   arch = genotype = None
   if spec.architecture == modes.ARCH_GENOTYPE:
     genotype = _phase_genotype(run, progress)
-    arch = search_space.genotype_architecture(genotype)
+    arch = run.space.genotype_architecture(genotype)
   elif spec.architecture == modes.ARCH_SEARCHED:
     searcher = next(c for c in run.components(run.phases[index - 1],
                                               _param_shapes(state))
                     if c.fixed_architecture is not None)
     arch = searcher.fixed_architecture(
         jax.device_get(state.components[searcher.name]))
-    genotype = search_space.support_to_genotype(arch.support_dict)
+    genotype = run.space.support_to_genotype(arch.support_dict)
   end = (progress.state_start + run.train_steps
          if spec.trains_final_weights else np.inf)
   if spec.searching:
@@ -705,7 +714,7 @@ def next_progress(run: Run, phase: Phase, state: step_lib.TrainState,
         jax.device_get(state.components[searcher.name]))
     updates['search_steps'] = done
     updates['genotype'] = json.loads(
-        search_space.support_to_genotype(arch.support_dict).to_json())
+        run.space.support_to_genotype(arch.support_dict).to_json())
   return dataclasses.replace(progress, **updates)
 
 

@@ -8,6 +8,11 @@ train step, network size and batch; the last line printed is JSON:
 
   python -m experiments.bench_nas [--channels 8 --layers 5 --batch 16 --size 32]
 
+In the MobileNet space (the sparse child: ProxylessNAS-mobile's one op per
+layer; the dense network: all 6-7 candidates of each of its 21 layers):
+
+  python -m experiments.bench_nas --space mobilenet --width-multiplier 0.25
+
 Keys: sparse/dense compile seconds and step seconds, `sparse_over_dense`
 (step time ratio; target ≤ 0.4) and `search_images_per_s` (the NAS search
 step: sparse child, gradients for θ and the codes b, Adam on b).
@@ -22,22 +27,25 @@ import numpy as np
 
 from dha_jax import train
 from dha_jax.nas import search_space as ss
+from dha_jax.nas import spaces
 from experiments import benchlib
 
 
 def main() -> None:
   args = benchlib.parse_args(__doc__)
   config = benchlib.bench_config(args)
-  ops = ss.primitives()
+  space = spaces.from_config(config)
   model = train.create_model(config, 10)
-  dense = ss.dense_support(ops)
-  sparse = ss.genotype_to_support(ss.DARTS_V2)
+  dense = space.dense_support()
+  # DARTS-V2's cells, or ProxylessNAS-mobile's layers.
+  sparse = space.genotype_to_support(
+      train.load_genotype(config.model.genotype, space))
   rng = np.random.default_rng(0)
   sparse_w = {c: [rng.normal(size=len(n)).astype(np.float32)
-                  for n in sparse[c]] for c in ss.CELL_TYPES}
+                  for n in sparse[c]] for c in sparse}
   dense_w = {c: [np.zeros(len(n), np.float32) for n in dense[c]]
-             for c in ss.CELL_TYPES}
-  for c in ss.CELL_TYPES:
+             for c in dense}
+  for c in sparse:
     for node, pairs in enumerate(sparse[c]):
       for k, pair in enumerate(pairs):
         dense_w[c][node][dense[c][node].index(pair)] = sparse_w[c][node][k]

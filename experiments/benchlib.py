@@ -22,6 +22,7 @@ from dha_jax import train
 from dha_jax.components import Component, component_key
 from dha_jax.nas import depthwise
 from dha_jax.nas import search_space
+from dha_jax.nas import spaces
 
 # One XLA:CPU thread (`--threads 1`): Eigen's pool and XLA's intra-op
 # parallelism both off.
@@ -83,7 +84,8 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   defaults = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32, 'steps': 5,
               'aux': 0, 'cutout': 0, 'genotype': '', 'depthwise': 'auto',
-              'threads': 'all', **extra}
+              'threads': 'all', 'space': 'darts_cell',
+              'width_multiplier': 1.0, **extra}
   helps = {
       'aux': '1: the auxiliary head (weight 0.4), as DARTS on CIFAR',
       'cutout': 'side of the Cutout square on training images (0: none)',
@@ -91,6 +93,8 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
                   "support), 'darts_v2' or a genotype.json",
       'depthwise': 'model.depthwise: ' + ', '.join(
           depthwise.IMPLEMENTATIONS),
+      'space': "model.space: 'darts_cell' (channels, layers) or 'mobilenet' "
+               "(ProxylessNAS' 21 layers at width-multiplier)",
       'threads': "XLA:CPU threads: 'all' or '1'"}
   for name, default in defaults.items():
     parser.add_argument(f'--{name.replace("_", "-")}', type=type(default),
@@ -114,6 +118,10 @@ def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.preprocess.cutout_size = args.cutout
   config.dataset.image_size = args.size
   config.batch_size = args.batch
+  config.model.space = args.space
+  config.model.width_multiplier = args.width_multiplier
+  if args.space == spaces.MOBILENET:
+    config.model.genotype = 'proxyless_mobile'
   return config
 
 
@@ -121,6 +129,7 @@ def network_info(args: argparse.Namespace) -> dict[str, Any]:
   return {'channels': args.channels, 'layers': args.layers,
           'batch': args.batch, 'size': args.size, 'aux': args.aux,
           'cutout': args.cutout, 'genotype': args.genotype,
+          'space': args.space, 'width_multiplier': args.width_multiplier,
           'depthwise': args.depthwise, 'threads': args.threads,
           **machine_info()}
 
@@ -174,8 +183,8 @@ def search_step_setup(mode: str, args: argparse.Namespace,
   run = train.Run.create(config, workdir='')
   run.mesh = parallel.make_mesh(jax.devices()[:1])
   phase, state = train.first_phase(run)
-  support = tuple(search_space.genotype_to_support(
-      train.load_genotype(config.model.genotype)).items())
+  support = search_space.support_items(run.space.genotype_to_support(
+      train.load_genotype(config.model.genotype, run.space)))
   nas = state.components.get('nas')
   if nas is not None and args.genotype:
     nas = nas.replace(ista=nas.ista.replace(support=support))

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
 
+from dha_jax.nas import component as nas_component
 from dha_jax.nas import ista
+from dha_jax.nas import mobilenet_space as ms
 from dha_jax.nas import search_space as ss
+from dha_jax.nas import spaces
 
 # One worker builds this module's shared fixtures (pytest -n 2 --dist loadgroup).
 pytestmark = pytest.mark.xdist_group('ista_test')
@@ -451,3 +454,117 @@ def test_changed_pairs_and_random_genotypes():
   for genotype in draws:
     assert ss.Genotype.from_json(genotype.to_json()) == genotype
   assert draws[0] == ss.random_genotype(np.random.default_rng((0, 0)))
+
+
+# ----------------------------------------------------------------------------
+# The MobileNet space: one problem per layer, one edge, 6 or 7 candidates.
+
+TINY_STAGES = (2, 2, 0, 0, 0, 0)
+LAYER_CODE_DIMS = 4
+
+
+def _mobilenet_config(ops_per_layer=1):
+  nas = nas_component.default_config()
+  nas.proj_dims = LAYER_CODE_DIMS
+  nas.max_iters = 20_000
+  return nas_component.ista_config(
+      nas, spaces.mobilenet(TINY_STAGES, ops_per_layer))
+
+
+@pytest.fixture(scope='module')
+def layer_state():
+  return ista.init_ista(jax.random.key(0), _mobilenet_config())
+
+
+def test_mobilenet_problems_are_per_layer(layer_state, solve):
+  state, config = layer_state, layer_state.config
+  (group, shapes), = config.groups
+  assert group == ms.GROUP and set(state.A) == {ms.GROUP}
+  for i, shape in enumerate(shapes):
+    A, b, x = state.A[group][i], state.b[group][i], state.x[group][i]
+    assert A.shape == (LAYER_CODE_DIMS, len(shape.ops)) == (
+        LAYER_CODE_DIMS, 6 if i % 2 == 0 else 7)
+    assert b.shape == (LAYER_CODE_DIMS,) and x.shape == (shape.size,)
+    np.testing.assert_allclose(
+        x, solve(A, b, config.lam, max_iters=config.max_iters,
+                 accelerated=True).x, atol=1e-9)
+    node = state.support_dict[group][i]
+    assert len(node) == 1 and node[0][0] == 0 and node[0][1] in shape.ops
+  # Eq. 7 per layer: α = x̂_o + A_oᵀ(b − A_o x̂_o), ∂α/∂b = A_o.
+  arch = jax.jit(ista.architecture_from_codes)(state, state.b)
+  grads = jax.grad(lambda b: sum(jnp.sum(w) for w in jax.tree.leaves(
+      ista.architecture_from_codes(state, b))))(state.b)
+  for i, ((_, op),) in enumerate(state.support_dict[group]):
+    j = shapes[i].ops.index(op)
+    A, b, x = state.A[group][i], state.b[group][i], state.x[group][i]
+    np.testing.assert_allclose(arch.weights[group][i],
+                               [x[j] + A[:, j] @ (b - A[:, j] * x[j])],
+                               rtol=1e-5)
+    np.testing.assert_allclose(grads[group][i], A[:, j], rtol=1e-5)
+
+
+def test_mobilenet_recovery_finds_a_planted_op_in_every_layer(layer_state):
+  """b = A·(c·e_op) in every layer: the recovered support is that op (m = 4
+  measurements of 6-7 candidates; with this A every op is recovered)."""
+  (group, shapes), = layer_state.config.groups
+  for j, op in enumerate(ms.OPS):
+    planted = {group: tuple(
+        A @ (0.01 * jax.nn.one_hot(min(j, len(shape.ops) - 1), shape.size))
+        for A, shape in zip(layer_state.A[group], shapes))}
+    recovered, report = ista.recover(layer_state, planted, epoch=1,
+                                     dist_limit=-1.0)
+    assert not report['unconverged']
+    expected = tuple(((0, shape.ops[min(j, len(shape.ops) - 1)]),)
+                     for shape in shapes)
+    assert recovered.support_dict[group] == expected, op
+
+
+def test_mobilenet_layers_freeze_one_by_one(layer_state):
+  moved = _perturb(layer_state.b, ms.GROUP, 1, 0.1, seed=5)
+  state, report = ista.recover(layer_state, moved, epoch=1)
+  assert report['frozen'][ms.GROUP] == [True, False, True, True]
+  assert not ista.all_frozen(state)
+  jax.tree.map(np.testing.assert_array_equal, state.x[ms.GROUP][0],
+               layer_state.x[ms.GROUP][0])
+
+
+def test_mobilenet_sparsity_keeps_k_ops_per_layer():
+  state = ista.init_ista(jax.random.key(0), _mobilenet_config(2))
+  arch = ista.architecture_from_codes(state, state.b)
+  for i, node in enumerate(state.support_dict[ms.GROUP]):
+    assert len(node) == 2 and {e for e, _ in node} == {0}
+    ops = state.config.groups[0][1][i].ops
+    order = np.argsort(-np.asarray(state.x[ms.GROUP][i]), kind='stable')
+    assert {op for _, op in node} == {ops[k] for k in order[:2]}
+    assert arch.weights[ms.GROUP][i].shape == (2,)
+
+
+def test_select_support_top_ops_per_edge():
+  ops = ms.OPS
+  x = np.array([0.1, 0.5, 0.5, -1.0, 0.0, 0.2, 0.3])
+  # Ties go to the earlier op; the support is sorted by op name.
+  assert ista.select_support(x, ops, k_edges=1, excluded_ops=(),
+                             ops_per_edge=1) == ((0, 'mbconv_3x3_e6'),)
+  assert ista.select_support(x, ops, k_edges=1, excluded_ops=(),
+                             ops_per_edge=3) == (
+                                 (0, 'mbconv_3x3_e6'), (0, 'mbconv_5x5_e3'),
+                                 (0, 'zero'))
+  # With one op per edge, the cell rule is unchanged.
+  cell_x = _node_code({(0, 'sep_conv_3x3'): 0.3, (1, 'dil_conv_5x5'): 0.9},
+                      ss.ISTA_PRIMITIVES)
+  assert ista.select_support(cell_x, ss.ISTA_PRIMITIVES, ops_per_edge=1) == (
+      ista.select_support(cell_x, ss.ISTA_PRIMITIVES))
+  with pytest.raises(ValueError, match='ops_per_edge'):
+    ista.select_support(x, ops, k_edges=1, excluded_ops=('zero',),
+                        ops_per_edge=7)
+
+
+def test_layout_config_errors():
+  layout = ms.layout(TINY_STAGES)
+  with pytest.raises(ValueError, match='ops_per_edge'):
+    ista.IstaConfig(ops=ms.OPS, layout=layout, k_edges=1, excluded_ops=(),
+                    ops_per_edge=7)
+  with pytest.raises(ValueError, match='k_edges'):
+    ista.IstaConfig(ops=ms.OPS, layout=layout, excluded_ops=())
+  with pytest.raises(ValueError, match='not all in ops'):
+    ista.IstaConfig(layout=layout, k_edges=1)

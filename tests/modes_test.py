@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import flax.serialization
 import jax
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from dha_jax import modes
 from dha_jax import parallel
 from dha_jax import train
+from dha_jax.nas import mobilenet_space
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +93,46 @@ def test_mode_runs_from_the_cli(mode, tmp_path):
                 'nas_epoch/alpha_norm_normal', 'fixed/loss'):
       assert scalars[tag], tag
     assert {'hparams', 'policy', 'architecture'} <= set(images)
+
+
+@pytest.mark.slow
+def test_mobilenet_dha_and_its_genotype_from_the_cli(tmp_path):
+  """DHA in the MobileNet space, then `train` on the genotype it wrote."""
+  searched, trained = str(tmp_path / 'dha'), str(tmp_path / 'train')
+  flags = tiny.cli_flags({**tiny.MOBILENET, 'heldout_batch_size': 4,
+                          'hpo.mode': 'exact'})
+  runs = {}
+  for workdir, mode, extra in (
+      (searched, 'dha', []),
+      (trained, 'train',
+       [f'--config.model.genotype={os.path.join(searched, "genotype.json")}'])):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'dha_jax.main', '--config=configs/default.py',
+         f'--workdir={workdir}', f'--config.mode={mode}'] + flags + extra,
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      runs[mode] = json.load(f)
+  dha = runs['dha']
+  assert 0 < dha['search_steps'] <= 3 and dha['train_steps'] == 4
+  genotype = json.load(open(os.path.join(searched, 'genotype.json')))
+  assert genotype['space'] == 'mobilenet'
+  assert [len(ops) for ops in genotype['layers']] == [1] * 4
+  assert [len(a) for a in genotype['alphas']['layers']] == [1] * 4
+  assert genotype['layers'][0][0] in mobilenet_space.MBCONV_OPS
+  with open(os.path.join(searched, 'model.msgpack'), 'rb') as f:
+    deployed = flax.serialization.msgpack_restore(f.read())
+  assert train.param_count(deployed['params']) == dha['param_count'] > 0
+  assert set(deployed['params']['layer0']) == set(genotype['layers'][0])
+  records = train.read_metrics(searched)
+  nas = [r for r in records if r['phase'] == 'nas_epoch']
+  assert nas and nas[-1]['alpha_norm_layers'] > 0
+  assert nas[-1]['candidate_support']['space'] == 'mobilenet'
+  assert 'architecture.png' in os.listdir(searched)
+  # The exported genotype trains from scratch as the same network.
+  assert runs['train']['genotype']['layers'] == genotype['layers']
+  assert runs['train']['param_count'] == dha['param_count']
+  assert runs['train']['search_steps'] == 0
 
 
 def test_search_steps_win_over_search_epochs():

@@ -19,6 +19,14 @@ TINY = {
     'nas.max_iters': 2000, 'compilation_cache_dir': '',
 }
 
+# The tiny MobileNet-space network (add to TINY): 4 searchable layers of
+# width 8 and 16, a 16-wide head, codes of length 4 for 6-7 candidates.
+MOBILENET = {
+    'model.space': 'mobilenet', 'model.stage_layers': (2, 2, 0, 0, 0, 0),
+    'model.width_multiplier': 0.25, 'model.head_channels': 16,
+    'nas.proj_dims': 4,
+}
+
 
 def tiny_config(mode: str, overrides: dict[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:

@@ -15,6 +15,9 @@ resource constraint is checked (Eq. 1) on the parameter count of the network
 the candidate support would give; a new support retraces the jitted step once.
 The epoch's report says how far the search moved: pairs of the support that
 changed since the last epoch and since the start, and b's relative movement.
+The search space (`spaces.SearchSpace`: DARTS cells or the MobileNet layers)
+gives the nodes, the support rule and the genotypes; nothing here depends on
+which it is.
 
 The reference's dynamics (`default_config`) suit its 600-epoch runs; a short
 run needs scale-free ones (configs/default.py, docs/fidelity.md, 'NAS'):
@@ -39,13 +42,14 @@ from dha_jax import plots
 from dha_jax.components import Component, StepContext
 from dha_jax.nas import ista
 from dha_jax.nas import search_space
+from dha_jax.nas import spaces
 
 BYTES_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
 CODE_LOSSES = ('train', 'heldout')
-# Curves of architecture.png, from the per-epoch reports.
+# Curves of architecture.png, from the per-epoch reports, followed by α's
+# norm per group (`alpha_norm_<group>`).
 PLOTTED_REPORT_KEYS = ('pairs_changed', 'pairs_changed_from_start',
-                       'code_relative_move', 'frozen_nodes',
-                       'alpha_norm_normal', 'alpha_norm_reduce')
+                       'code_relative_move', 'frozen_nodes')
 
 
 @flax.struct.dataclass
@@ -73,7 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.code_lr = 3e-4
   c.code_weight_decay = 1e-3
   c.code_betas = (0.5, 0.999)
-  # m, the length of each node's code b_i (ISTA-NAS proj_dims).
+  # m, the length of each node's code b_i (ISTA-NAS proj_dims). A DARTS
+  # node has 14-35 candidates; a MobileNet layer only 6-7, so the MobileNet
+  # configs use 4 (m < n: a compressed code).
   c.proj_dims = ista.DEFAULT_PROJ_DIMS
   # Scale of b's N(0, 1) initialisation (the reference's 1e-3).
   c.code_init_scale = ista.DEFAULT_B_INIT_SCALE
@@ -93,8 +99,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Eq. 1: refuse a support whose network exceeds this many million
   # parameters (-1: no constraint).
   c.param_limit_mb = -1.0
-  # Adds `none` to the 7 ISTA-NAS ops (never selected into the support).
+  # Adds `none` to the 7 ISTA-NAS ops (never selected into the support;
+  # DARTS cell space only).
   c.include_none = False
+  # MobileNet space: ops each layer keeps in the support (ISTA's sparsity;
+  # 1: one op per layer, as ProxylessNAS).
+  c.ops_per_layer = 1
   # Search budget in epochs, unless search_steps is positive, which then
   # wins (for data sets whose epochs are a few steps); the
   # fixed-architecture phase follows.
@@ -107,11 +117,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def ista_config(config: ml_collections.ConfigDict) -> ista.IstaConfig:
+def ista_config(config: ml_collections.ConfigDict,
+                space: spaces.SearchSpace) -> ista.IstaConfig:
+  """The ISTA-NAS settings of the NAS config over `space`'s nodes."""
   return ista.IstaConfig(
-      ops=search_space.primitives(config.include_none),
-      proj_dims=config.proj_dims, b_init_scale=config.code_init_scale,
-      max_iters=config.max_iters, alpha_norm=config.alpha_norm)
+      ops=space.ops, layout=space.layout, proj_dims=config.proj_dims,
+      b_init_scale=config.code_init_scale, max_iters=config.max_iters,
+      k_edges=space.k_edges, ops_per_edge=space.ops_per_edge,
+      excluded_ops=space.excluded_ops, alpha_norm=config.alpha_norm)
 
 
 def two_stage_config(config: ml_collections.ConfigDict
@@ -135,15 +148,18 @@ def code_optimizer(config: ml_collections.ConfigDict
 
 def make_component(config: ml_collections.ConfigDict,
                    param_count_fn: Callable[[dict], int] | None = None,
-                   name: str = 'nas') -> Component:
+                   name: str = 'nas',
+                   space: spaces.SearchSpace | None = None) -> Component:
   """One-stage ISTA-NAS as a `Component`.
 
   Args:
     config: the NAS config (`default_config`).
-    param_count_fn: maps a support {cell: CellSupport} to the parameter count
-      of the network built on it (Eq. 1's resource); needed when
+    param_count_fn: maps a support {group: CellSupport} to the parameter
+      count of the network built on it (Eq. 1's resource); needed when
       `config.param_limit_mb > 0`.
     name: component name (metrics prefix).
+    space: the search space; None: the DARTS cells (with
+      `config.include_none`).
   """
   if config.code_loss not in CODE_LOSSES:
     raise ValueError(f'nas.code_loss must be one of {CODE_LOSSES}, got '
@@ -155,7 +171,11 @@ def make_component(config: ml_collections.ConfigDict,
   if limit is not None and param_count_fn is None:
     raise ValueError('nas.param_limit_mb needs a param_count_fn')
   tx = code_optimizer(config)
-  icfg = ista_config(config)
+  if space is None:
+    space = spaces.cell_space(config.include_none)
+  icfg = ista_config(config, space)
+  plotted = PLOTTED_REPORT_KEYS + tuple(f'alpha_norm_{group}'
+                                        for group, _ in space.layout)
 
   def init(key: jax.Array) -> NASState:
     state = ista.init_ista(key, icfg)
@@ -199,7 +219,7 @@ def make_component(config: ml_collections.ConfigDict,
       report[f'alpha_norm_{cell}'] = float(np.sqrt(sum(
           np.sum(np.square(a)) for a in alphas)))
     report['frozen_nodes'] = int(sum(sum(f) for f in report['frozen'].values()))
-    report['candidate_support'] = json.loads(search_space.support_to_genotype(
+    report['candidate_support'] = json.loads(space.support_to_genotype(
         report['candidate_support']).to_json())
     return (state.replace(ista=new_ista,
                           b_prev=jax.tree.map(np.array, new_ista.b)),
@@ -210,7 +230,7 @@ def make_component(config: ml_collections.ConfigDict,
     curves = [{**r, 'support_changed': float(r['support_changed'])}
               for r in reports]
     return {'architecture.png': plots.series_figure(
-        curves, PLOTTED_REPORT_KEYS, 'architecture search (per epoch)')}
+        curves, plotted, 'architecture search (per epoch)')}
 
   return Component(
       name=name, init=init, trainable=lambda s: s.ista.b,

@@ -1,10 +1,13 @@
 """One-stage ISTA-NAS: sparse codes, recovery (Eq. 5-6), projection (Eq. 7).
 
-ISTA-NAS (Yang et al., 2020) as used by DHA (docs/fidelity.md, 'NAS'). Per cell
-type and intermediate node i there is one compressed-sensing problem: the
-node's architecture vector x_i ∈ R^{n_i}, n_i = |ops|·(i + 2), laid out
-edge-major (`x_i.reshape(i + 2, |ops|)[edge, op]`), is encoded by a fixed
-random matrix A_i ∈ R^{m×n_i} as the code b_i = A_i x_i ∈ R^m, m ≪ n_i. The
+ISTA-NAS (Yang et al., 2020) as used by DHA (docs/fidelity.md, 'NAS'). Per
+searchable node of the space's layout (`search_space.NodeShape`: a DARTS
+cell's intermediate node i, or one layer of the MobileNet space) there is
+one compressed-sensing problem: the node's architecture vector
+x_i ∈ R^{n_i}, n_i = |ops_i|·num_edges_i (cells: |ops|·(i + 2); a MobileNet
+layer: its 6 or 7 candidates on one edge), laid out edge-major
+(`x_i.reshape(num_edges_i, |ops_i|)[edge, op]`), is encoded by a fixed
+random matrix A_i ∈ R^{m×n_i} as the code b_i = A_i x_i ∈ R^m, m < n_i. The
 network trains b by gradient descent; the sparse x is recovered from b by the
 Lasso (Eq. 5)
 
@@ -25,7 +28,8 @@ near-zero α that a short run cannot grow out of.
 Once per epoch (`recover`, host side) x̂ is recovered for the nodes still
 searching, a node whose x̂ moved by at most `dist_limit` freezes (absolutely,
 as the reference, or relative to ‖x̂‖; `FREEZE_RULES`), and the new support
-(top-2 edges per node) must satisfy the resource constraint (Eq. 1).
+(cells: top-2 edges per node; MobileNet: the best op per layer) must satisfy
+the resource constraint (Eq. 1).
 
 Deviations from the reference code (docs/fidelity.md, 'NAS' and 'Known bugs
 of the official code'):
@@ -60,8 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dha_jax.nas import search_space
-from dha_jax.nas.search_space import (CELL_TYPES, NUM_NODES, Architecture,
-                                      CellSupport, NodeSupport)
+from dha_jax.nas.search_space import (Architecture, CellSupport, Layout,
+                                      NodeSupport, SupportItems)
 
 # ISTA-NAS defaults (docs/fidelity.md, 'NAS').
 DEFAULT_PROJ_DIMS = 7
@@ -206,29 +210,33 @@ def project_alpha(A: jax.Array, b: jax.Array, x: jax.Array,
 
 
 # ----------------------------------------------------------------------------
-# The support: top-k edges per node (host side).
+# The support: top-k edges per node, top ops per edge (host side).
 
 
 def select_support(x: np.ndarray | jax.Array, ops: Sequence[str], *,
                    k_edges: int = DEFAULT_K_EDGES,
                    excluded_ops: Sequence[str] = (search_space.NONE_OP,),
+                   ops_per_edge: int = 1,
                    ) -> NodeSupport:
-  """One node's support: the top-`k_edges` edges, each with its best op.
+  """One node's support: the top-`k_edges` edges, each with its best ops.
 
   An edge's score is the signed max of x over its allowed ops (as the
   reference's `picking_optimal`); the `k_edges` best edges are kept, each
-  with its arg-max op. Every op in `ops` may be chosen except
-  `excluded_ops` (the reference also excludes the last op, dil_conv_5x5, by
-  a bug). Ties go to the lower edge index, then the earlier op in `ops`.
+  with its `ops_per_edge` largest ops (cells: 2 edges, 1 op each; a
+  MobileNet layer: its one edge, with as many ops as the sparsity asks).
+  Every op in `ops` may be chosen except `excluded_ops` (the reference also
+  excludes the last op, dil_conv_5x5, by a bug). Ties go to the lower edge
+  index, then the earlier op in `ops`.
 
   Args:
     x: the node's code [|ops|·num_edges], edge-major.
     ops: the op names, in the order of x's op axis.
     k_edges: how many distinct input edges the node keeps.
     excluded_ops: ops never chosen (DARTS' `none`).
+    ops_per_edge: how many ops each kept edge carries.
 
   Returns:
-    The node's support: (edge, op_name) pairs sorted by edge.
+    The node's support: (edge, op_name) pairs sorted by edge, then op name.
   """
   ops = tuple(ops)
   x = np.asarray(x, np.float64)
@@ -246,11 +254,15 @@ def select_support(x: np.ndarray | jax.Array, ops: Sequence[str], *,
   if not 0 < k_edges <= n_edges:
     raise ValueError(f'k_edges={k_edges} must be in [1, {n_edges}], the '
                      f'number of edges of this node')
-  best_op = np.argmax(per_edge, axis=1)  # first maximum: earlier op wins
-  score = per_edge[np.arange(n_edges), best_op]
+  if not 0 < ops_per_edge <= int(allowed.sum()):
+    raise ValueError(f'ops_per_edge={ops_per_edge} must be in [1, '
+                     f'{int(allowed.sum())}], the selectable ops of {ops}')
+  # A stable sort of −x: the first maximum (the earlier op) wins ties.
+  best_ops = np.argsort(-per_edge, axis=1, kind='stable')[:, :ops_per_edge]
+  score = per_edge[np.arange(n_edges), best_ops[:, 0]]
   # lexsort's last key is the primary one: descending score, then edge.
   edges = np.lexsort((np.arange(n_edges), -score))[:k_edges]
-  return tuple(sorted((int(e), ops[best_op[e]]) for e in edges))
+  return tuple(sorted((int(e), ops[o]) for e in edges for o in best_ops[e]))
 
 
 def _flat_indices(node_support: NodeSupport, ops: Sequence[str]) -> np.ndarray:
@@ -269,7 +281,11 @@ class IstaConfig:
   """Static settings of the ISTA-NAS search (hashable: jit metadata).
 
   Attributes:
-    ops: candidate op names, the op axis of every x_i.
+    ops: the space's candidate op names; without a `layout`, the op axis of
+      every x_i.
+    layout: the searchable nodes by group (`search_space.Layout`), each
+      with its input edges and its ops (drawn from `ops`); None: the DARTS
+      cells over `ops` (`search_space.cell_layout`). See `groups`.
     proj_dims: m, the code length of every node.
     b_init_scale: b_i is initialised as b_init_scale·N(0, 1).
     lam: λ of Eq. 5 (unscaled residual term; see `DEFAULT_LAM`).
@@ -277,10 +293,13 @@ class IstaConfig:
     tol: (F)ISTA relative stopping tolerance.
     accelerated: FISTA (True) or ISTA (False).
     k_edges: input edges each node keeps.
+    ops_per_edge: ops each kept edge carries (the sparsity of a
+      single-edge node, e.g. a MobileNet layer).
     excluded_ops: ops never put on the support.
     alpha_norm: one of `ALPHA_NORMS` (see `architecture_from_codes`).
   """
   ops: tuple[str, ...] = search_space.ISTA_PRIMITIVES
+  layout: Layout | None = None
   proj_dims: int = DEFAULT_PROJ_DIMS
   b_init_scale: float = DEFAULT_B_INIT_SCALE
   lam: float = DEFAULT_LAM
@@ -288,6 +307,7 @@ class IstaConfig:
   tol: float = DEFAULT_TOL
   accelerated: bool = True
   k_edges: int = DEFAULT_K_EDGES
+  ops_per_edge: int = 1
   excluded_ops: tuple[str, ...] = (search_space.NONE_OP,)
   alpha_norm: str = 'none'
 
@@ -297,35 +317,49 @@ class IstaConfig:
                        f'got {self.alpha_norm!r}')
     object.__setattr__(self, 'ops', tuple(self.ops))
     object.__setattr__(self, 'excluded_ops', tuple(self.excluded_ops))
-    if not set(self.ops) - set(self.excluded_ops):
-      raise ValueError(f'IstaConfig: ops={self.ops} has no op outside '
-                       f'excluded_ops={self.excluded_ops}')
+    shapes = [shape for _, nodes in self.groups for shape in nodes]
+    for shape in shapes:
+      if not set(shape.ops) <= set(self.ops):
+        raise ValueError(f'IstaConfig: layout ops {shape.ops} are not all '
+                         f'in ops={self.ops}')
+      if not set(shape.ops) - set(self.excluded_ops):
+        raise ValueError(f'IstaConfig: ops={shape.ops} has no op outside '
+                         f'excluded_ops={self.excluded_ops}')
     if self.proj_dims < 1 or self.max_iters < 1:
       raise ValueError(f'IstaConfig: proj_dims ({self.proj_dims}) and '
                        f'max_iters ({self.max_iters}) must be positive')
     if self.lam < 0 or self.tol < 0:
       raise ValueError(f'IstaConfig: lam ({self.lam}) and tol ({self.tol}) '
                        f'must be non-negative')
-    min_edges = search_space.num_edges(0)
+    min_edges = min(shape.num_edges for shape in shapes)
     if not 0 < self.k_edges <= min_edges:
       raise ValueError(f'IstaConfig: k_edges={self.k_edges} must be in '
-                       f'[1, {min_edges}] (node 0 has {min_edges} inputs)')
+                       f'[1, {min_edges}] (a node has {min_edges} inputs)')
+    min_ops = min(len(set(shape.ops) - set(self.excluded_ops))
+                  for shape in shapes)
+    if not 0 < self.ops_per_edge <= min_ops:
+      raise ValueError(f'IstaConfig: ops_per_edge={self.ops_per_edge} must '
+                       f'be in [1, {min_ops}] (a node has {min_ops} '
+                       'selectable ops)')
 
-  def node_size(self, node: int) -> int:
-    """n_i = |ops|·(i + 2)."""
-    return len(self.ops) * search_space.num_edges(node)
+  @property
+  def groups(self) -> Layout:
+    """The searchable nodes: `layout`, or the DARTS cells over `ops`."""
+    return (search_space.cell_layout(self.ops) if self.layout is None
+            else self.layout)
 
 
 @flax.struct.dataclass
 class IstaState:
   """The ISTA-NAS search state; every per-node entry is a tuple over nodes.
 
-  Array leaves (all that a checkpoint needs): `A` {cell: ([m, n_i], ...)},
-  `b` {cell: ([m], ...)} (the learned codes), `x` {cell: ([n_i], ...)}
-  (x_last, the last accepted recovery), `frozen` {cell: (bool[], ...)}
-  (same tree structure as `b`).
+  Array leaves (all that a checkpoint needs), per group of
+  `config.groups` (cells: 'normal', 'reduce'; MobileNet: 'layers'): `A`
+  {group: ([m, n_i], ...)}, `b` {group: ([m], ...)} (the learned codes), `x`
+  {group: ([n_i], ...)} (x_last, the last accepted recovery), `frozen`
+  {group: (bool[], ...)} (same tree structure as `b`).
 
-  Static metadata: `support`, a tuple of (cell, CellSupport) items as in
+  Static metadata: `support`, a tuple of (group, CellSupport) items as in
   `Architecture.support`, and `config`. The support is always
   `select_support` of `x`; a checkpoint restored into a template state keeps
   the template's metadata, so call `sync_support` after restoring.
@@ -334,8 +368,7 @@ class IstaState:
   b: dict[str, PerNode]
   x: dict[str, PerNode]
   frozen: dict[str, PerNode]
-  support: tuple[tuple[str, CellSupport], ...] = flax.struct.field(
-      pytree_node=False)
+  support: SupportItems = flax.struct.field(pytree_node=False)
   config: IstaConfig = flax.struct.field(pytree_node=False)
 
   @property
@@ -345,16 +378,12 @@ class IstaState:
 
 def support_from_codes(x: dict[str, Sequence[np.ndarray | jax.Array]],
                        config: IstaConfig) -> dict[str, CellSupport]:
-  """`select_support` of every node: {cell: CellSupport}."""
-  return {cell: tuple(select_support(x_i, config.ops, k_edges=config.k_edges,
-                                     excluded_ops=config.excluded_ops)
-                      for x_i in x[cell])
-          for cell in CELL_TYPES}
-
-
-def _as_items(support: dict[str, CellSupport]
-              ) -> tuple[tuple[str, CellSupport], ...]:
-  return tuple((cell, support[cell]) for cell in CELL_TYPES)
+  """`select_support` of every node: {group: CellSupport}."""
+  return {group: tuple(select_support(x_i, shape.ops, k_edges=config.k_edges,
+                                      excluded_ops=config.excluded_ops,
+                                      ops_per_edge=config.ops_per_edge)
+                       for x_i, shape in zip(x[group], nodes))
+          for group, nodes in config.groups}
 
 
 def _solve(A: jax.Array, b: jax.Array, config: IstaConfig) -> IstaResult:
@@ -385,25 +414,29 @@ def init_ista(key: jax.Array, config: IstaConfig = IstaConfig()) -> IstaState:
     The initial `IstaState`.
   """
   A, b, x, frozen = {}, {}, {}, {}
-  for cell, cell_key in zip(CELL_TYPES, jax.random.split(key, len(CELL_TYPES))):
-    a_keys, b_keys = jax.random.split(cell_key, (2, NUM_NODES))
-    A[cell] = tuple(jax.random.uniform(a_keys[i], (config.proj_dims,
-                                                   config.node_size(i)))
-                    for i in range(NUM_NODES))
-    b[cell] = tuple(config.b_init_scale *
-                    jax.random.normal(b_keys[i], (config.proj_dims,))
-                    for i in range(NUM_NODES))
-    x[cell] = tuple(jnp.asarray(_solve(a, b_i, config).x)
-                    for a, b_i in zip(A[cell], b[cell]))
-    frozen[cell] = tuple(jnp.asarray(False) for _ in range(NUM_NODES))
+  groups = config.groups
+  for (group, nodes), group_key in zip(groups,
+                                       jax.random.split(key, len(groups))):
+    a_keys, b_keys = jax.random.split(group_key, (2, len(nodes)))
+    A[group] = tuple(jax.random.uniform(a_keys[i], (config.proj_dims,
+                                                    shape.size))
+                     for i, shape in enumerate(nodes))
+    b[group] = tuple(config.b_init_scale *
+                     jax.random.normal(b_keys[i], (config.proj_dims,))
+                     for i in range(len(nodes)))
+    x[group] = tuple(jnp.asarray(_solve(a, b_i, config).x)
+                     for a, b_i in zip(A[group], b[group]))
+    frozen[group] = tuple(jnp.asarray(False) for _ in nodes)
   return IstaState(A=A, b=b, x=x, frozen=frozen,
-                   support=_as_items(support_from_codes(x, config)),
+                   support=search_space.support_items(
+                       support_from_codes(x, config)),
                    config=config)
 
 
 def sync_support(state: IstaState) -> IstaState:
   """Recomputes the static support from x_last (e.g. after a restore)."""
-  support = _as_items(support_from_codes(state.x, state.config))
+  support = search_space.support_items(
+      support_from_codes(state.x, state.config))
   return state.replace(support=support)
 
 
@@ -423,23 +456,23 @@ def architecture_from_codes(state: IstaState, b: dict[str, PerNode]
 
   Args:
     state: supplies A, x_last and the static support.
-    b: the codes {cell: ([m], ...)}, usually `state.b` as a traced argument.
+    b: the codes {group: ([m], ...)}, usually `state.b` as a traced argument.
 
   Returns:
     An `Architecture` whose α for each node is aligned with its support pairs.
   """
-  ops = state.config.ops
   weights = {}
-  for cell in CELL_TYPES:
+  for group, nodes in state.config.groups:
     alphas = []
-    for i, node_support in enumerate(state.support_dict[cell]):
-      idx = _flat_indices(node_support, ops)
-      mask = np.zeros((state.config.node_size(i),), bool)
+    for i, (shape, node_support) in enumerate(
+        zip(nodes, state.support_dict[group])):
+      idx = _flat_indices(node_support, shape.ops)
+      mask = np.zeros((shape.size,), bool)
       mask[idx] = True
-      alpha = project_alpha(state.A[cell][i], b[cell][i], state.x[cell][i],
-                            mask)
+      alpha = project_alpha(state.A[group][i], b[group][i],
+                            state.x[group][i], mask)
       alphas.append(_normalise(alpha[idx], state.config.alpha_norm))
-    weights[cell] = alphas
+    weights[group] = alphas
   return search_space.make_architecture(state.support_dict, weights)
 
 
@@ -464,7 +497,7 @@ def zero_frozen(state: IstaState, tree: dict[str, PerNode]
 
 
 def all_frozen(state: IstaState) -> bool:
-  """Whether every node of every cell is frozen (the search is over)."""
+  """Whether every node of every group is frozen (the search is over)."""
   return bool(all(np.asarray(f) for f in jax.tree.leaves(state.frozen)))
 
 
@@ -496,18 +529,18 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
     freeze_rule: one of `FREEZE_RULES`.
     may_freeze: False forbids freezing in this call (e.g. before b has
       trained for a minimum number of steps).
-    param_count_fn: maps a candidate support {cell: CellSupport} to the
+    param_count_fn: maps a candidate support {group: CellSupport} to the
       constrained resource (e.g. parameters in MB); None: no constraint.
     param_limit: the resource budget; needed iff `param_count_fn` is given.
 
   Returns:
-    (new_state, report). The report holds `distances` {cell: [float | None]}
-    (None for nodes frozen before this call), `ista_iters` {cell: [int|None]},
-    `relative_distances` {cell: [float | None]} (over ‖x_new‖₂),
-    `unconverged` [[cell, node]] (recoveries that hit max_iters),
-    `newly_frozen` [[cell, node]], `frozen` {cell: [bool]}, `all_frozen`,
-    `param_count` (float | None), `refused`, `support_changed` and
-    `candidate_support` {cell: CellSupport}.
+    (new_state, report). The report holds `distances` {group: [float |
+    None]} (None for nodes frozen before this call), `ista_iters`
+    {group: [int | None]}, `relative_distances` {group: [float | None]}
+    (over ‖x_new‖₂), `unconverged` [[group, node]] (recoveries that hit
+    max_iters), `newly_frozen` [[group, node]], `frozen` {group: [bool]},
+    `all_frozen`, `param_count` (float | None), `refused`,
+    `support_changed` and `candidate_support` {group: CellSupport}.
   """
   if (param_count_fn is None) != (param_limit is None):
     raise ValueError('recover: pass both param_count_fn and param_limit to '
@@ -520,10 +553,10 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
   config = state.config
   x_new, distances, relative, iters, unconverged, frozen, newly_frozen = (
       {}, {}, {}, {}, [], {}, [])
-  for cell in CELL_TYPES:
+  for cell, nodes in config.groups:
     x_new[cell], distances[cell], relative[cell] = [], [], []
     iters[cell], frozen[cell] = [], []
-    for i in range(NUM_NODES):
+    for i in range(len(nodes)):
       x_last = state.x[cell][i]
       if bool(state.frozen[cell][i]):
         x_new[cell].append(x_last)
@@ -558,8 +591,8 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
     new_state = state.replace(
         b=b, x={c: tuple(v) for c, v in x_new.items()},
         frozen={c: tuple(jnp.asarray(f) for f in v) for c, v in frozen.items()},
-        support=_as_items(candidate))
-  kept_frozen = {c: [bool(f) for f in new_state.frozen[c]] for c in CELL_TYPES}
+        support=search_space.support_items(candidate))
+  kept_frozen = {c: [bool(f) for f in new_state.frozen[c]] for c in frozen}
   report = {
       'epoch': epoch,
       'distances': distances,

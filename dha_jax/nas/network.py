@@ -42,9 +42,11 @@ AUX_CHANNELS = (128, 768)
 AUX_POOL = 5
 
 
-def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str | None = None,
+               epsilon: float = BN_EPSILON) -> nn.BatchNorm:
+  """Affine BatchNorm, batch statistics in training, running ones else."""
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, name=name)
+                      epsilon=epsilon, name=name)
 
 
 class ReLUConvBN(nn.Module):
@@ -59,7 +61,7 @@ class ReLUConvBN(nn.Module):
     x = nn.Conv(self.features, (self.kernel, self.kernel),
                 strides=self.stride, padding=self.kernel // 2,
                 use_bias=False)(x)
-    return _bn(train)(x)
+    return batch_norm(train)(x)
 
 
 class DilConv(nn.Module):
@@ -83,7 +85,7 @@ class DilConv(nn.Module):
         self.kernel, self.stride, self.dilation, pad, self.depthwise,
         name='Conv_0')(x)
     x = nn.Conv(self.features, (1, 1), use_bias=False, name='Conv_1')(x)
-    return _bn(train)(x)
+    return batch_norm(train)(x)
 
 
 class SepConv(nn.Module):
@@ -115,7 +117,7 @@ class FactorizedReduce(nn.Module):
     a = nn.Conv(half, (1, 1), strides=2, use_bias=False)(x)
     b = nn.Conv(self.features - half, (1, 1), strides=2, use_bias=False)(
         shifted)
-    return _bn(train)(jnp.concatenate([a, b], axis=-1))
+    return batch_norm(train)(jnp.concatenate([a, b], axis=-1))
 
 
 def _avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
@@ -208,11 +210,11 @@ class AuxiliaryHead(nn.Module):
     window = min(AUX_POOL, x.shape[1])
     x = nn.avg_pool(x, (window, window), strides=(self.pool_stride,) * 2)
     x = nn.Conv(AUX_CHANNELS[0], (1, 1), use_bias=False)(x)
-    x = nn.relu(_bn(train)(x))
+    x = nn.relu(batch_norm(train)(x))
     kernel = min(2, x.shape[1])
     x = nn.Conv(AUX_CHANNELS[1], (kernel, kernel), padding='VALID',
                 use_bias=False)(x)
-    x = nn.relu(_bn(train)(x))
+    x = nn.relu(batch_norm(train)(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -253,18 +255,18 @@ class DARTSNetwork(nn.Module):
     if self.stem == 'cifar':
       s = nn.Conv(STEM_MULTIPLIER * c, (3, 3), padding=1, use_bias=False,
                   name='stem_conv')(x)
-      s0 = s1 = _bn(train, 'stem_bn')(s)
+      s0 = s1 = batch_norm(train, 'stem_bn')(s)
       c_curr, reduction_prev = c, False
     elif self.stem == 'imagenet':
       s0 = nn.Conv(c // 2, (3, 3), strides=2, padding=1, use_bias=False,
                    name='stem0_conv0')(x)
-      s0 = nn.relu(_bn(train, 'stem0_bn0')(s0))
+      s0 = nn.relu(batch_norm(train, 'stem0_bn0')(s0))
       s0 = nn.Conv(c, (3, 3), strides=2, padding=1, use_bias=False,
                    name='stem0_conv1')(s0)
-      s0 = _bn(train, 'stem0_bn1')(s0)
+      s0 = batch_norm(train, 'stem0_bn1')(s0)
       s1 = nn.Conv(c, (3, 3), strides=2, padding=1, use_bias=False,
                    name='stem1_conv')(nn.relu(s0))
-      s1 = _bn(train, 'stem1_bn')(s1)
+      s1 = batch_norm(train, 'stem1_bn')(s1)
       c_curr, reduction_prev = c, True
     else:
       raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")

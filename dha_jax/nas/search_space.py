@@ -1,4 +1,11 @@
-"""The DARTS cell search space and the architecture as an explicit PyTree.
+"""The architecture as an explicit PyTree, and the DARTS cell search space.
+
+Any search space here is a set of *groups* of searchable *nodes*; a node has
+input edges, each of which may carry any of the node's candidate ops
+(`NodeShape`; a space's `Layout` lists them by group). The DARTS cell space
+has two groups, the normal and the reduction cell, of 4 nodes each; the
+MobileNet-like space (`mobilenet_space`) one group of layers with a single
+input edge each.
 
 A cell has `NUM_NODES` intermediate nodes; node i (0-based) reads from i + 2
 inputs (the two previous cells' outputs, then nodes 0..i-1), so a cell has
@@ -45,9 +52,40 @@ def num_edges(node: int) -> int:
   return node + NUM_INPUTS_FIRST_NODE
 
 
-# A node's support: sorted (edge, op_name) pairs; a cell's: one per node.
+# A node's support: sorted (edge, op_name) pairs; a cell's (a group's): one
+# per node. A space's support is {group: CellSupport}.
 NodeSupport = tuple[tuple[int, str], ...]
 CellSupport = tuple[NodeSupport, ...]
+SupportItems = tuple[tuple[str, CellSupport], ...]
+
+
+class NodeShape(NamedTuple):
+  """A searchable node: `num_edges` inputs, each able to carry any of `ops`.
+
+  Its architecture vector x ∈ R^{size} is laid out edge-major:
+  `x.reshape(num_edges, len(ops))[edge, op]`.
+  """
+  num_edges: int
+  ops: tuple[str, ...]
+
+  @property
+  def size(self) -> int:
+    return self.num_edges * len(self.ops)
+
+
+# The searchable nodes of a space: (group, (NodeShape, ...)) items.
+Layout = tuple[tuple[str, tuple[NodeShape, ...]], ...]
+
+
+def cell_layout(ops: Sequence[str]) -> Layout:
+  """The DARTS cells' nodes: node i of each cell has i + 2 edges over `ops`."""
+  nodes = tuple(NodeShape(num_edges(n), tuple(ops)) for n in range(NUM_NODES))
+  return tuple((cell, nodes) for cell in CELL_TYPES)
+
+
+def support_items(support: dict[str, CellSupport]) -> SupportItems:
+  """A support as hashable static metadata: its groups in sorted order."""
+  return tuple((group, support[group]) for group in sorted(support))
 
 
 class Genotype(NamedTuple):
@@ -74,6 +112,11 @@ class Genotype(NamedTuple):
               reduce=tuple((str(o), int(i)) for o, i in d['reduce']),
               reduce_concat=tuple(int(i) for i in d['reduce_concat']))
     except (KeyError, TypeError, ValueError) as e:
+      if isinstance(e, KeyError) and 'layers' in d:
+        raise ValueError(
+            'This genotype is of the MobileNet space (it has `layers`, not '
+            "cells): set model.space='mobilenet' to train it, or pass the "
+            'genotype.json of a DARTS-cell run.') from e
       raise ValueError(
           'A genotype JSON needs keys normal, normal_concat, reduce, '
           f'reduce_concat with [op_name, input_index] pairs: {e}') from e
@@ -138,20 +181,28 @@ def support_to_genotype(support: dict[str, CellSupport]) -> Genotype:
   return Genotype(cells['normal'], concat, cells['reduce'], concat)
 
 
+def layout_dense_support(layout: Layout) -> dict[str, CellSupport]:
+  """Every (edge, op) pair of every node of `layout`, edge-major: the dense
+  all-ops super-network."""
+  node = lambda shape: tuple((e, o) for e in range(shape.num_edges)
+                             for o in shape.ops)
+  return {group: tuple(node(shape) for shape in nodes)
+          for group, nodes in layout}
+
+
 def dense_support(ops: Sequence[str]) -> dict[str, CellSupport]:
-  """Every (edge, op) pair of every node: the dense all-ops super-network."""
-  node = lambda n: tuple((e, o) for e in range(num_edges(n)) for o in ops)
-  return {c: tuple(node(n) for n in range(NUM_NODES)) for c in CELL_TYPES}
+  """Every (edge, op) pair of every cell node: the dense DARTS super-network."""
+  return layout_dense_support(cell_layout(ops))
 
 
 def changed_pairs(before: dict[str, CellSupport],
                   after: dict[str, CellSupport]) -> int:
   """How many (edge, op) pairs of `after` are not in `before`, over all
-  nodes of all cells (0 when the supports are equal; 16 pairs in all for
-  two pairs per node)."""
+  nodes of all groups (0 when the supports are equal; 16 pairs in all for
+  two pairs per cell node)."""
   return sum(len(set(new) - set(old))
-             for cell in CELL_TYPES
-             for old, new in zip(before[cell], after[cell]))
+             for group in after
+             for old, new in zip(before[group], after[group]))
 
 
 def random_genotype(rng: np.random.Generator,
@@ -178,14 +229,14 @@ class Architecture:
   """An architecture as a PyTree: static support, α values as leaves.
 
   Attributes:
-    weights: {'normal': (α_0, ..., α_3), 'reduce': (...)}, α_i of shape
-      [len(support[cell][i])], aligned with the support's pairs.
-    support: static metadata, a tuple of (cell_type, CellSupport) items; part
+    weights: {group: (α_0, α_1, ...)}, e.g. {'normal': (α_0, ..., α_3),
+      'reduce': (...)} for cells; α_i of shape [len(support[group][i])],
+      aligned with the support's pairs.
+    support: static metadata, a tuple of (group, CellSupport) items; part
       of the tree structure, so a new support is a new jit cache entry.
   """
   weights: dict[str, tuple[jnp.ndarray, ...]]
-  support: tuple[tuple[str, CellSupport], ...] = flax.struct.field(
-      pytree_node=False)
+  support: SupportItems = flax.struct.field(pytree_node=False)
 
   def cell_support(self, cell: str) -> CellSupport:
     return dict(self.support)[cell]
@@ -198,19 +249,22 @@ class Architecture:
 def make_architecture(support: dict[str, CellSupport],
                       weights: dict[str, Sequence[jnp.ndarray]] | None = None,
                       ) -> Architecture:
-  """Builds an `Architecture`; α defaults to one for every supported pair."""
+  """Builds an `Architecture` over the groups of `support`; α defaults to
+  one for every supported pair."""
   if weights is None:
     weights = {c: [np.ones((len(n),), np.float32) for n in support[c]]
-               for c in CELL_TYPES}
+               for c in support}
   w = {c: tuple(jnp.asarray(a, jnp.float32) for a in weights[c])
-       for c in CELL_TYPES}
-  for c in CELL_TYPES:
+       for c in support}
+  for c in support:
+    if len(w[c]) != len(support[c]):
+      raise ValueError(f'α[{c}] has {len(w[c])} nodes, the support '
+                       f'{len(support[c])}')
     for n, (a, s) in enumerate(zip(w[c], support[c])):
       if a.shape != (len(s),):
         raise ValueError(f'α[{c}][{n}] has shape {a.shape}, support has '
                          f'{len(s)} pairs')
-  return Architecture(weights=w,
-                      support=tuple((c, support[c]) for c in CELL_TYPES))
+  return Architecture(weights=w, support=support_items(support))
 
 
 def genotype_architecture(genotype: Genotype) -> Architecture:
