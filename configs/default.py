@@ -161,9 +161,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Adam on τ moves its logits ~policy_lr per step; the paper's SGD needs
   # ~10⁵ steps to leave uniform (dha_jax/augment/component.py). Eq. 2 has
   # no bound on how far τ goes: at 0.05 it collapsed onto one pair within
-  # 400 steps; 0.01 keeps a logit's total movement within ~4 here.
+  # 400 steps; at 0.01 this config's 400 steps left τ 0.08 nats below
+  # uniform, in effect uniform; 0.02 moves it by several tenths of a nat
+  # without a collapse (experiments/RESULTS.md, 'Do the searches search?').
   config.da.policy_optimizer = 'adam'
-  config.da.policy_lr = 0.01
+  config.da.policy_lr = 0.02
   # The online hypergradient (next training batch, no extra network pass)
   # keeps the default within minutes on a CPU; the paper configs use Eq. 4.
   config.hpo.mode = 'online'

@@ -270,7 +270,7 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   budget = ablate_search.Budget()
   commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
               for arm in ablate_search.arms(args.random_genotypes)}
-  assert len(commands) == 5 + 5 + 4
+  assert len(commands) == 5 + 5 + 5
   flags = lambda name: {f for f in commands[name][3:]
                         if not f.startswith('--workdir')}
   assert flags('da_learned') ^ flags('da_uniform') == {
@@ -280,6 +280,8 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   # The changed dynamics differ from their arm in that change alone.
   assert flags('da_learned') ^ flags('da_fast') == {
       '--config.da.policy_lr=0.05'}
+  assert flags('da_learned') ^ flags('da_slow') == {
+      '--config.da.policy_lr=0.01'}
   assert flags('hpo_learned') ^ flags('hpo_annealed') == {
       '--config.optimizer.anneal_learned_lr=True'}
   assert flags('search') ^ flags('search_heldout') == {
