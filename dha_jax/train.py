@@ -620,11 +620,8 @@ def build_phase(run: Run, progress: Progress, state: step_lib.TrainState
     genotype = _phase_genotype(run, progress)
     arch = run.space.genotype_architecture(genotype)
   elif spec.architecture == modes.ARCH_SEARCHED:
-    searcher = next(c for c in run.components(run.phases[index - 1],
-                                              _param_shapes(state))
-                    if c.fixed_architecture is not None)
-    arch = searcher.fixed_architecture(
-        jax.device_get(state.components[searcher.name]))
+    arch = searched_architecture(
+        run.components(run.phases[index - 1], _param_shapes(state)), state)
     genotype = run.space.support_to_genotype(arch.support_dict)
   end = (progress.state_start + run.train_steps
          if spec.trains_final_weights else np.inf)
@@ -708,10 +705,7 @@ def next_progress(run: Run, phase: Phase, state: step_lib.TrainState,
   if nxt.fresh_state:
     updates['state_start'] = done
   if phase.spec.searching:
-    searcher = next(c for c in phase.components
-                    if c.fixed_architecture is not None)
-    arch = searcher.fixed_architecture(
-        jax.device_get(state.components[searcher.name]))
+    arch = searched_architecture(phase.components, state)
     updates['search_steps'] = done
     updates['genotype'] = json.loads(
         run.space.support_to_genotype(arch.support_dict).to_json())
@@ -917,10 +911,10 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
       state = epoch_end(run, state, phase, epoch, writer)
       if config.eval_every_epochs > 0 and (
           (epoch + 1) % config.eval_every_epochs == 0):
+        arch = parallel.replicate(run.mesh, current_architecture(phase, state))
         writer.write(done, {'phase': 'eval', 'epoch': done / spe,
                             **evaluate_fit(run, state.params,
-                                           state.batch_stats,
-                                           current_architecture(phase, state))})
+                                           state.batch_stats, arch)})
       if _search_done(phase, state):
         logging.info('The search is done at step %d.', done)
         return state
@@ -956,8 +950,15 @@ def current_architecture(phase: Phase, state: step_lib.TrainState
   in a search the one its searcher would fix at this point."""
   if phase.arch is not None:
     return phase.arch
-  searcher = next(c for c in phase.components
-                  if c.fixed_architecture is not None)
+  return searched_architecture(phase.components, state)
+
+
+def searched_architecture(components: tuple[Component, ...],
+                          state: step_lib.TrainState
+                          ) -> search_space.Architecture:
+  """The architecture that the searcher among `components` (the owner of
+  `fixed_architecture`) fixes from `state`."""
+  searcher = next(c for c in components if c.fixed_architecture is not None)
   return searcher.fixed_architecture(
       jax.device_get(state.components[searcher.name]))
 
@@ -968,13 +969,11 @@ def evaluate_fit(run: Run, params: Any, batch_stats: Any,
   `run.train_eval` and on the HPO split: how far θ fits what it trains on
   beyond what it generalises to (the test split is left for the end).
 
-  `params` and `batch_stats` are on the mesh (replicated); `arch` on the
-  host.
+  `params`, `batch_stats` and `arch` are on the mesh (replicated).
   """
-  repl = parallel.replicate(run.mesh, arch)
-  fit = evaluate(run.eval_fn, params, batch_stats, repl, run.train_eval,
+  fit = evaluate(run.eval_fn, params, batch_stats, arch, run.train_eval,
                  run.config.eval_batch_size, run.mesh)
-  heldout = (evaluate(run.eval_fn, params, batch_stats, repl,
+  heldout = (evaluate(run.eval_fn, params, batch_stats, arch,
                       run.dataset.hpo, run.config.eval_batch_size, run.mesh)
              if len(run.dataset.hpo) else {'accuracy': None, 'loss': None})
   return {'train_accuracy': fit['accuracy'], 'train_loss': fit['loss'],
@@ -994,7 +993,7 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
                   config.eval_batch_size, run.mesh)
   # The HPO split is held out from θ's training: choices between runs are
   # made on it, never on the test split.
-  fit = evaluate_fit(run, repl[0], repl[1], arch)
+  fit = evaluate_fit(run, *repl)
   writer.write(int(state.step), {'phase': 'test',
                                  'test_accuracy': test['accuracy'],
                                  'test_loss': test['loss'], **fit})
