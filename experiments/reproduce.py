@@ -34,7 +34,7 @@ with `--batch-size`; `nas.search_epochs` = `--search-epochs`; an `eval`
 record (clean train and HPO-split accuracy) every 5 epochs; and, as short
 runs need, the short-run search dynamics of configs/default.py
 (`SHORT_RUN_FIELDS`: b at scale 1 with α normalised per node, relative
-freezing, Adam on τ). Everything else is the config's (drop-path 0.2, cosine
+freezing, Adam on τ at most 1 nat from uniform). Everything else is the config's (drop-path 0.2, cosine
 SGD from 0.025, a learned η annealed by the same cosine,
 `optimizer.anneal_learned_lr`, the exact hypergradient, Eq. 4).
 The one-stage modes search within their `--steps` (the search ends when every
@@ -122,7 +122,7 @@ LOG_TAIL_LINES = 20
 SHORT_RUN_FIELDS = ('nas.code_init_scale', 'nas.alpha_norm',
                     'nas.freeze_rule', 'nas.dist_limit',
                     'nas.min_freeze_steps', 'da.policy_optimizer',
-                    'da.policy_lr')
+                    'da.policy_lr', 'da.max_kl_from_uniform')
 
 
 def short_run_settings() -> dict[str, Any]:

@@ -169,3 +169,22 @@ def test_export_policy_needs_names_for_other_sizes():
   exported = policy.export_policy(policy.init_policy(3),
                                   op_names=('a', 'b', 'c'))
   assert exported['top_pairs'][0]['op1'] == 'a'
+
+
+def test_limit_kl_from_uniform_cools_tau_to_the_bound(skewed_logits):
+  kl = float(policy.kl_from_uniform(skewed_logits))
+  bound = kl / 2
+  limited = policy.limit_kl_from_uniform(skewed_logits, bound)
+  np.testing.assert_allclose(policy.kl_from_uniform(limited), bound,
+                             rtol=1e-4)
+  # A temperature: the same direction and order of pairs.
+  scale = limited.reshape(-1) @ skewed_logits.reshape(-1) / jnp.sum(
+      skewed_logits**2)
+  assert 0 < scale < 1
+  np.testing.assert_allclose(limited, scale * skewed_logits, rtol=1e-5,
+                             atol=1e-6)
+  # Within the bound τ is returned unchanged, bit for bit.
+  same = policy.limit_kl_from_uniform(skewed_logits, kl + 0.1)
+  np.testing.assert_array_equal(same, skewed_logits)
+  with pytest.raises(ValueError, match='positive'):
+    policy.limit_kl_from_uniform(skewed_logits, 0.0)

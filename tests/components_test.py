@@ -2,6 +2,8 @@
 user-written component (experiments/custom_component.py) composed into the
 step without editing it."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -159,13 +161,10 @@ def test_nas_component_moves_b_relative_to_its_scale_and_freezing_waits():
   assert comp.summary(frozen, [report]).startswith('support changed')
 
 
-def test_adam_on_tau_leaves_uniform_under_a_loss_favouring_one_pair():
-  config = da_component.default_config()
-  config.policy_optimizer = 'adam'
-  config.policy_lr = 0.05
+def _tau_after_a_loss_favouring_one_pair(config, steps):
+  """τ after `steps` updates where pair (3, 5) has 10x the loss of others."""
   comp = da_component.make_component(config)
   state = comp.init(jax.random.key(0))
-  uniform = policy.policy_entropy(state.logits)
 
   @jax.jit
   def step(state, key):
@@ -174,8 +173,17 @@ def test_adam_on_tau_leaves_uniform_under_a_loss_favouring_one_pair():
     return comp.update(state, _ctx(per_example_loss=losses,
                                    stash=(op1, op2)))[0]
 
-  for key in jax.random.split(jax.random.key(1), 200):
+  for key in jax.random.split(jax.random.key(1), steps):
     state = step(state, key)
+  return comp, state
+
+
+def test_adam_on_tau_leaves_uniform_under_a_loss_favouring_one_pair():
+  config = da_component.default_config()
+  config.policy_optimizer = 'adam'
+  config.policy_lr = 0.05
+  uniform = 2 * math.log(ops.NUM_OPS)
+  comp, state = _tau_after_a_loss_favouring_one_pair(config, 200)
   _, report = comp.epoch_end(state, 0)
   assert report['entropy'] < uniform - 0.25
   np.testing.assert_allclose(report['kl_from_uniform'],
@@ -185,4 +193,23 @@ def test_adam_on_tau_leaves_uniform_under_a_loss_favouring_one_pair():
   assert 'τ entropy' in comp.summary(state, [report])
   with pytest.raises(ValueError, match='policy_optimizer'):
     config.policy_optimizer = 'rmsprop'
+    da_component.make_component(config)
+
+
+def test_max_kl_from_uniform_keeps_a_long_run_from_collapsing():
+  config = da_component.default_config()
+  config.policy_optimizer = 'adam'
+  config.policy_lr = 0.05
+  _, free = _tau_after_a_loss_favouring_one_pair(config, 600)
+  config.max_kl_from_uniform = 1.0
+  comp, bounded = _tau_after_a_loss_favouring_one_pair(config, 600)
+  # Unbounded, 600 steps collapse τ near one pair; bounded, it stops at the
+  # bound with the same pair on top.
+  assert policy.kl_from_uniform(free.logits) > 3.0
+  np.testing.assert_allclose(policy.kl_from_uniform(bounded.logits), 1.0,
+                             rtol=1e-3)
+  top = lambda logits: int(jnp.argmax(logits))
+  assert top(bounded.logits) == top(free.logits) == 3 * ops.NUM_OPS + 5
+  config.max_kl_from_uniform = 2 * math.log(ops.NUM_OPS)
+  with pytest.raises(ValueError, match='max_kl_from_uniform'):
     da_component.make_component(config)

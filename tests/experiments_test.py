@@ -279,7 +279,7 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
       '--config.mode=ista_one_stage', '--config.mode=nas_hpo'}
   # The changed dynamics differ from their arm in that change alone.
   assert flags('da_learned') ^ flags('da_fast') == {
-      '--config.da.policy_lr=0.05'}
+      '--config.da.policy_lr=0.05', '--config.da.max_kl_from_uniform=0.0'}
   assert flags('da_learned') ^ flags('da_slow') == {
       '--config.da.policy_lr=0.01'}
   assert flags('hpo_learned') ^ flags('hpo_annealed') == {

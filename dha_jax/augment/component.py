@@ -14,12 +14,14 @@ which raises the probability of pairs that produce a high training loss
 τ's optimizer is the paper's SGD (`policy_optimizer='sgd'`) or Adam
 ('adam', a deviation): Eq. 2's gradient is O(ℓ/K⁴) per logit, so SGD moves
 the logits ~1e-4 a step and τ leaves uniform only over the paper's ~10⁵
-steps; Adam's per-logit normalisation moves them ~`policy_lr` a step. Per
+steps; Adam's per-logit normalisation moves them ~`policy_lr` a step, and
+`max_kl_from_uniform` bounds how far τ may go from uniform. Per
 epoch (`epoch_end`) τ's entropy, KL from uniform and top pair are reported.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -63,6 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.policy_nesterov = False
   # L2 weight decay on τ's logits (both optimizers).
   c.policy_weight_decay = 0.0
+  # Upper bound on KL(p(τ) ‖ uniform) in nats after each update (τ is cooled
+  # toward uniform just enough, `policy.limit_kl_from_uniform`); 0 = no
+  # bound (the paper). Eq. 2 never stops raising the hardest pair, so
+  # without a bound τ's end state depends on the run's length.
+  c.max_kl_from_uniform = 0.0
   return c
 
 
@@ -111,6 +118,11 @@ def make_component(config: ml_collections.ConfigDict,
                    name: str = 'da') -> Component:
   """The DA component over the 14 ops (`ops.OP_NAMES`)."""
   tx = policy_optimizer(config)
+  max_kl = 2.0 * math.log(ops.NUM_OPS)
+  if not 0.0 <= config.max_kl_from_uniform < max_kl:
+    raise ValueError(f'da.max_kl_from_uniform must be 0 (no bound) or in '
+                     f'(0, log K² = {max_kl:.3f}) nats, got '
+                     f'{config.max_kl_from_uniform}')
 
   def init(key: jax.Array) -> DAState:
     del key  # τ starts uniform
@@ -133,6 +145,8 @@ def make_component(config: ml_collections.ConfigDict,
         state.logits, ctx.per_example_loss, op1, op2)
     updates, opt_state = tx.update(grads, state.opt_state, state.logits)
     logits = optax.apply_updates(state.logits, updates)
+    if config.max_kl_from_uniform:
+      logits = policy.limit_kl_from_uniform(logits, config.max_kl_from_uniform)
     return (DAState(logits=logits, opt_state=opt_state),
             {'policy_loss': loss, 'entropy': policy.policy_entropy(logits)})
 

@@ -154,6 +154,46 @@ def kl_from_uniform(logits: chex.Array) -> jax.Array:
   return 2.0 * jnp.log(num_ops) - policy_entropy(logits)
 
 
+# Bisection steps of `limit_kl_from_uniform`: the inverse temperature is
+# found to 2⁻³⁰ of its range, below float32's resolution of the logits.
+KL_LIMIT_BISECTION_STEPS = 30
+
+
+def limit_kl_from_uniform(logits: chex.Array, max_kl: float) -> jax.Array:
+  """τ cooled toward uniform just enough that KL(p(τ) ‖ uniform) ≤ max_kl.
+
+  Returns s·τ with the largest s ∈ [0, 1] for which the bound holds (s = 1,
+  τ itself, when it already does). KL(softmax(s·τ) ‖ uniform) does not
+  decrease with the inverse temperature s, so s is found by bisection; the
+  pairs keep their order and τ keeps its direction. Eq. 2 alone has no bound
+  on how far τ moves: with Adam each logit moves ~policy_lr a step, so over
+  a long enough run τ collapses onto one pair (docs/fidelity.md, 'DA').
+
+  Args:
+    logits: τ [K, K].
+    max_kl: the bound in nats, in (0, log K²).
+
+  Returns:
+    [K, K] logits whose KL from uniform is at most max_kl (to the bisection's
+    precision).
+  """
+  _check_logits(logits)
+  if not max_kl > 0:
+    raise ValueError(f'max_kl must be positive, got {max_kl}')
+
+  def within(scale):
+    return kl_from_uniform(scale * logits) <= max_kl
+
+  def bisect(_, bounds):
+    low, high = bounds
+    mid = 0.5 * (low + high)
+    return jnp.where(within(mid), mid, low), jnp.where(within(mid), high, mid)
+
+  low, _ = jax.lax.fori_loop(0, KL_LIMIT_BISECTION_STEPS, bisect,
+                             (jnp.float32(0.0), jnp.float32(1.0)))
+  return jnp.where(within(1.0), logits, low * logits)
+
+
 def export_policy(logits: chex.Array, top_k: int = DEFAULT_TOP_K,
                   op_names: Sequence[str] | None = None) -> dict[str, Any]:
   """τ as a JSON-ready dict (the workdir's `policy.json`).
