@@ -144,18 +144,22 @@ class BuildContext:
     param_count: maps a NAS support {group: CellSupport} to the parameter
       count of the network built on it (Eq. 1's resource).
     space: the search space of `config.model.space`.
+    multiply_adds: maps a NAS support to the multiply-adds per image of the
+      network built on it (the other resource Eq. 1 may constrain).
   """
   search: str | None
   param_shapes: Any
   param_count: Callable[[dict], int]
   space: spaces.SearchSpace
+  multiply_adds: Callable[[dict], float] | None = None
 
 
 def _nas(config: ml_collections.ConfigDict, ctx: BuildContext) -> Component:
   nas_config = (nas_component.two_stage_config(config.nas)
                 if ctx.search == TWO_STAGE else config.nas)
   return nas_component.make_component(nas_config, ctx.param_count,
-                                      space=ctx.space)
+                                      space=ctx.space,
+                                      multiply_adds_fn=ctx.multiply_adds)
 
 
 FACTORIES: dict[str, Callable[[ml_collections.ConfigDict, BuildContext],

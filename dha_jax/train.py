@@ -50,6 +50,7 @@ from dha_jax.components import Component, component_key
 from dha_jax.hpo import inner as hpo_inner
 from dha_jax.nas import depthwise
 from dha_jax.nas import network
+from dha_jax.nas import resources
 from dha_jax.nas import search_space
 from dha_jax.nas import spaces
 
@@ -265,6 +266,7 @@ def ignored_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
   spec = modes.mode_spec(config.mode)
   ctx = modes.BuildContext(search=spec.search, param_shapes=None,
                            param_count=lambda support: 0,
+                           multiply_adds=lambda support: 0.0,
                            space=spaces.from_config(config))
   final = [p for p in spec.phases() if p.trains_final_weights]
   per_phase = []
@@ -352,6 +354,21 @@ def variable_shapes(model: nn.Module,
 
 def param_count(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def multiply_adds(model: nn.Module, arch: search_space.Architecture,
+                  shape: tuple[int, ...]) -> int:
+  """Multiply-adds of `arch`'s network at inference on a batch of `shape`
+  (`dha_jax.nas.resources`; traced, not run).
+
+  Counted with grouped depthwise convs: the other implementations compute
+  the same function with C times as many (block-diagonal) or no (shifted)
+  convolution multiply-adds."""
+  counted = model.clone(depthwise='grouped')
+  return resources.multiply_adds(
+      lambda v, x: counted.apply(v, x, arch, train=False),
+      variable_shapes(model, arch, shape, train=False),
+      jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
 def load_extra_components(config: ml_collections.ConfigDict
@@ -454,6 +471,7 @@ class Run:
     ctx = modes.BuildContext(search=self.spec.search,
                              param_shapes=param_shapes,
                              param_count=self.param_count_of,
+                             multiply_adds=self.multiply_adds_of,
                              space=self.space)
     built = modes.build_components(phase.components, self.config, ctx)
     return built + (self.extra if phase.trains_final_weights else ())
@@ -475,6 +493,11 @@ class Run:
     return param_count(variable_shapes(
         self.model, search_space.make_architecture(support), self.shape,
         train=False)['params'])
+
+  def multiply_adds_of(self, support: dict) -> int:
+    """Multiply-adds per image of the network on `support` (inference)."""
+    return multiply_adds(self.model, search_space.make_architecture(support),
+                         self.shape)
 
 
 def train_eval_subset(split: data_lib.Split, max_examples: int, seed: int
@@ -1013,6 +1036,7 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
              'search_steps': progress.search_steps,
              'wall_seconds': time.time() - start_time,
              'param_count': param_count(deployed['params']),
+             'multiply_adds': run.multiply_adds_of(arch.support_dict),
              'compiled_supports': len(run.compiled),
              'genotype': genotype_json}
   if parallel.is_primary_process():

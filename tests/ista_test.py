@@ -340,9 +340,14 @@ def test_resource_constraint_refuses_the_update(state):
     seen.append(support)
     return 4.0
 
+  def budgets(params_mb, multiply_adds_m):
+    return {'params_mb': ista.Budget(param_count, params_mb),
+            'multiply_adds_m': ista.Budget(lambda s: 60.0, multiply_adds_m)}
+
   refused, report = ista.recover(state, moved, epoch=1,
-                                 param_count_fn=param_count, param_limit=3.7)
-  assert report['refused'] and report['param_count'] == 4.0
+                                 budgets=budgets(3.7, 100.0))
+  assert report['refused'] and report['over_budget'] == ['params_mb']
+  assert report['resources'] == {'params_mb': 4.0, 'multiply_adds_m': 60.0}
   assert seen == [report['candidate_support']]
   assert report['candidate_support'] != state.support_dict
   assert not report['support_changed'] and not report['newly_frozen']
@@ -352,13 +357,13 @@ def test_resource_constraint_refuses_the_update(state):
     jax.tree.map(np.testing.assert_array_equal, getattr(refused, name),
                  getattr(state, name))
 
+  _, report = ista.recover(state, moved, epoch=1, budgets=budgets(4.0, 50.0))
+  assert report['refused'] and report['over_budget'] == ['multiply_adds_m']
+
   accepted, report = ista.recover(state, moved, epoch=1,
-                                  param_count_fn=param_count, param_limit=4.0)
+                                  budgets=budgets(4.0, 60.0))
   assert not report['refused'] and report['support_changed']
   assert accepted.support_dict == report['candidate_support']
-
-  with pytest.raises(ValueError, match='param_limit'):
-    ista.recover(state, epoch=1, param_count_fn=param_count)
 
 
 def test_zero_frozen(state):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dha_jax import train
 from dha_jax.nas import mobilenet_network as mn
 from dha_jax.nas import mobilenet_space as ms
 from dha_jax.nas import network
@@ -31,6 +32,13 @@ def test_proxyless_mobile_parameter_count():
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3)), arch, train=False))
   assert _count(shapes['params']) == 4_080_512
+
+
+def test_proxyless_mobile_multiply_adds():
+  """ProxylessNAS-mobile's published compute: 320 M multiply-adds."""
+  model = mn.MobileNetwork(1000, ms.network_plan())
+  arch = ss.make_architecture(ms.genotype_to_support(ms.PROXYLESS_MOBILE))
+  assert train.multiply_adds(model, arch, (1, 224, 224, 3)) == 320_427_584
 
 
 @pytest.fixture(scope='module')

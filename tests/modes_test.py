@@ -100,7 +100,8 @@ def test_mobilenet_dha_and_its_genotype_from_the_cli(tmp_path):
   """DHA in the MobileNet space, then `train` on the genotype it wrote."""
   searched, trained = str(tmp_path / 'dha'), str(tmp_path / 'train')
   flags = tiny.cli_flags({**tiny.MOBILENET, 'heldout_batch_size': 4,
-                          'hpo.mode': 'exact'})
+                          'hpo.mode': 'exact',
+                          'nas.multiply_adds_limit_m': 1000.0})
   runs = {}
   for workdir, mode, extra in (
       (searched, 'dha', []),
@@ -128,6 +129,10 @@ def test_mobilenet_dha_and_its_genotype_from_the_cli(tmp_path):
   nas = [r for r in records if r['phase'] == 'nas_epoch']
   assert nas and nas[-1]['alpha_norm_layers'] > 0
   assert nas[-1]['candidate_support']['space'] == 'mobilenet'
+  # The budget is measured on every candidate, and the final network's
+  # multiply-adds are in the summary.
+  assert all(0 < r['resources']['multiply_adds_m'] < 1000 for r in nas)
+  assert dha['multiply_adds'] > 0
   assert 'architecture.png' in os.listdir(searched)
   # The exported genotype trains from scratch as the same network.
   assert runs['train']['genotype']['layers'] == genotype['layers']

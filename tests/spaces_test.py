@@ -120,4 +120,18 @@ def test_the_nas_component_searches_the_mobilenet_layers():
   assert report['candidate_support']['space'] == 'mobilenet'
   assert len(report['candidate_support']['layers']) == 4
   assert report['alpha_norm_layers'] > 0 and report['pairs_changed'] == 0
+  assert report['over_budget'] == ['params_mb']
   json.dumps(report)
+
+
+def test_a_multiply_add_budget_refuses_a_costlier_support():
+  config = tiny.tiny_config('dha', {**MOBILENET,
+                                    'nas.multiply_adds_limit_m': 2.0})
+  space = spaces.from_config(config)
+  with pytest.raises(ValueError, match='multiply_adds_limit_m'):
+    nas_component.make_component(config.nas, space=space)
+  comp = nas_component.make_component(
+      config.nas, space=space, multiply_adds_fn=lambda support: 3e6)
+  _, report = comp.epoch_end(comp.init(jax.random.key(0)), 0)
+  assert report['refused'] and report['over_budget'] == ['multiply_adds_m']
+  assert report['resources'] == {'multiply_adds_m': 3.0}

@@ -45,6 +45,7 @@ from dha_jax.nas import search_space
 from dha_jax.nas import spaces
 
 BYTES_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
+MILLION = 1e6
 CODE_LOSSES = ('train', 'heldout')
 # Curves of architecture.png, from the per-epoch reports, followed by α's
 # norm per group (`alpha_norm_<group>`).
@@ -99,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Eq. 1: refuse a support whose network exceeds this many million
   # parameters (-1: no constraint).
   c.param_limit_mb = -1.0
+  # ... or this many million multiply-adds per image at inference (the
+  # "FLOPs" of the MobileNet papers; -1: no constraint).
+  c.multiply_adds_limit_m = -1.0
   # Adds `none` to the 7 ISTA-NAS ops (never selected into the support;
   # DARTS cell space only).
   c.include_none = False
@@ -149,7 +153,9 @@ def code_optimizer(config: ml_collections.ConfigDict
 def make_component(config: ml_collections.ConfigDict,
                    param_count_fn: Callable[[dict], int] | None = None,
                    name: str = 'nas',
-                   space: spaces.SearchSpace | None = None) -> Component:
+                   space: spaces.SearchSpace | None = None,
+                   multiply_adds_fn: Callable[[dict], float] | None = None
+                   ) -> Component:
   """One-stage ISTA-NAS as a `Component`.
 
   Args:
@@ -160,6 +166,8 @@ def make_component(config: ml_collections.ConfigDict,
     name: component name (metrics prefix).
     space: the search space; None: the DARTS cells (with
       `config.include_none`).
+    multiply_adds_fn: maps a support to the multiply-adds per image of its
+      network; needed when `config.multiply_adds_limit_m > 0`.
   """
   if config.code_loss not in CODE_LOSSES:
     raise ValueError(f'nas.code_loss must be one of {CODE_LOSSES}, got '
@@ -167,9 +175,17 @@ def make_component(config: ml_collections.ConfigDict,
   if config.freeze_rule not in ista.FREEZE_RULES:
     raise ValueError(f'nas.freeze_rule must be one of {ista.FREEZE_RULES}, '
                      f'got {config.freeze_rule!r}')
-  limit = config.param_limit_mb if config.param_limit_mb > 0 else None
-  if limit is not None and param_count_fn is None:
-    raise ValueError('nas.param_limit_mb needs a param_count_fn')
+  budgets = {}
+  for field, resource, fn, unit in (
+      ('param_limit_mb', 'params_mb', param_count_fn, BYTES_PER_MB),
+      ('multiply_adds_limit_m', 'multiply_adds_m', multiply_adds_fn,
+       MILLION)):
+    if config[field] > 0:
+      if fn is None:
+        raise ValueError(f'nas.{field} needs the function that measures it')
+      budgets[resource] = ista.Budget(
+          measure=lambda support, fn=fn, unit=unit: fn(support) / unit,
+          limit=config[field])
   tx = code_optimizer(config)
   if space is None:
     space = spaces.cell_space(config.include_none)
@@ -198,13 +214,11 @@ def make_component(config: ml_collections.ConfigDict,
             {'code_grad_norm': optax.tree.norm(grads)})
 
   def epoch_end(state: NASState, epoch: int):
-    mb_fn = (None if limit is None
-             else lambda support: param_count_fn(support) / BYTES_PER_MB)
     new_ista, report = ista.recover(
         state.ista, epoch=epoch, dist_limit=config.dist_limit,
         freeze_rule=config.freeze_rule,
         may_freeze=int(state.steps) >= config.min_freeze_steps,
-        param_count_fn=mb_fn, param_limit=limit)
+        budgets=budgets)
     support = new_ista.support_dict
     report['pairs_changed'] = search_space.changed_pairs(
         state.ista.support_dict, support)

@@ -55,7 +55,7 @@ of the official code'):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import chex
 import flax.struct
@@ -501,24 +501,34 @@ def all_frozen(state: IstaState) -> bool:
   return bool(all(np.asarray(f) for f in jax.tree.leaves(state.frozen)))
 
 
+class Budget(NamedTuple):
+  """One resource of Eq. 1's constraint.
+
+  Attributes:
+    measure: maps a support {group: CellSupport} to the amount of the
+      resource its network needs (e.g. parameters in MB).
+    limit: the most a support may need.
+  """
+  measure: Callable[[dict[str, CellSupport]], float]
+  limit: float
+
+
 def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
             epoch: int,
             dist_limit: float = DEFAULT_DIST_LIMIT,
             freeze_rule: str = 'absolute',
             may_freeze: bool = True,
-            param_count_fn: Callable[[dict[str, CellSupport]], float]
-            | None = None,
-            param_limit: float | None = None,
+            budgets: Mapping[str, Budget] | None = None,
             ) -> tuple[IstaState, dict[str, Any]]:
   """The per-epoch update: recovery, freezing and the constraint (Eq. 1).
 
   Host side. For each node not yet frozen, x_new = Lasso(A, b) (Eq. 5-6,
   cold start, so x_new depends on b only); the node freezes when
   ‖x_new − x_last‖₂ ≤ dist_limit, never at epoch 0. The candidate support is
-  `select_support` of x_new (frozen nodes keep x_last). When
-  `param_count_fn(candidate) > param_limit` the update is refused and the
-  state is returned unchanged but for b; otherwise x_last, the freeze flags
-  and the support are updated.
+  `select_support` of x_new (frozen nodes keep x_last). When the candidate
+  exceeds any of `budgets` (Eq. 1's resource constraint) the update is
+  refused and the state is returned unchanged but for b; otherwise x_last,
+  the freeze flags and the support are updated.
 
   Args:
     state: the current state.
@@ -529,9 +539,8 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
     freeze_rule: one of `FREEZE_RULES`.
     may_freeze: False forbids freezing in this call (e.g. before b has
       trained for a minimum number of steps).
-    param_count_fn: maps a candidate support {group: CellSupport} to the
-      constrained resource (e.g. parameters in MB); None: no constraint.
-    param_limit: the resource budget; needed iff `param_count_fn` is given.
+    budgets: {resource name: Budget} (e.g. parameters in MB, multiply-adds);
+      None or empty: no constraint.
 
   Returns:
     (new_state, report). The report holds `distances` {group: [float |
@@ -539,12 +548,10 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
     {group: [int | None]}, `relative_distances` {group: [float | None]}
     (over ‖x_new‖₂), `unconverged` [[group, node]] (recoveries that hit
     max_iters), `newly_frozen` [[group, node]], `frozen` {group: [bool]},
-    `all_frozen`, `param_count` (float | None), `refused`,
+    `all_frozen`, `resources` {name: the candidate's amount}, `over_budget`
+    (the names whose limit it exceeds), `refused`,
     `support_changed` and `candidate_support` {group: CellSupport}.
   """
-  if (param_count_fn is None) != (param_limit is None):
-    raise ValueError('recover: pass both param_count_fn and param_limit to '
-                     'apply the resource constraint, or neither')
   if freeze_rule not in FREEZE_RULES:
     raise ValueError(f'recover: freeze_rule must be one of {FREEZE_RULES}, '
                      f'got {freeze_rule!r}')
@@ -582,9 +589,12 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
         newly_frozen.append([cell, i])
 
   candidate = support_from_codes(x_new, config)
-  param_count = (None if param_count_fn is None
-                 else float(param_count_fn(candidate)))
-  refused = param_count is not None and param_count > param_limit
+  budgets = budgets or {}
+  resources = {name: float(b.measure(candidate))
+               for name, b in budgets.items()}
+  over_budget = [name for name, b in budgets.items()
+                 if resources[name] > b.limit]
+  refused = bool(over_budget)
   if refused:
     new_state = state.replace(b=b)
   else:
@@ -602,7 +612,8 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
       'newly_frozen': [] if refused else newly_frozen,
       'frozen': kept_frozen,
       'all_frozen': all_frozen(new_state),
-      'param_count': param_count,
+      'resources': resources,
+      'over_budget': over_budget,
       'refused': refused,
       'support_changed': new_state.support != state.support,
       'candidate_support': candidate,
