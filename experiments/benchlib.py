@@ -122,6 +122,7 @@ def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.model.width_multiplier = args.width_multiplier
   if args.space == spaces.MOBILENET:
     config.model.genotype = 'proxyless_mobile'
+    config.nas.alpha_norm = 'group_mean_abs'
   return config
 
 

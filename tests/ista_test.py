@@ -573,3 +573,33 @@ def test_layout_config_errors():
     ista.IstaConfig(ops=ms.OPS, layout=layout, excluded_ops=())
   with pytest.raises(ValueError, match='not all in ops'):
     ista.IstaConfig(layout=layout, k_edges=1)
+
+
+def test_group_mean_abs_trains_the_codes_of_one_op_layers(layer_state):
+  """Per-layer 'mean_abs' of one α is sign(α): no gradient for b (refused).
+  'group_mean_abs' divides by the mean |α| over the layers: the network
+  does not depend on b's scale, and each layer's b still gets a gradient."""
+  with pytest.raises(ValueError, match="'group_mean_abs'"):
+    dataclasses.replace(layer_state.config, alpha_norm='mean_abs')
+  state = layer_state.replace(config=dataclasses.replace(
+      layer_state.config, alpha_norm='group_mean_abs'))
+  plain = jax.tree.leaves(
+      ista.architecture_from_codes(layer_state, layer_state.b).weights)
+  normed = jax.tree.leaves(
+      ista.architecture_from_codes(state, state.b).weights)
+  scale = np.mean(np.abs(np.concatenate(plain)))
+  for got, ref in zip(normed, plain):
+    np.testing.assert_allclose(got, ref / scale, rtol=1e-5)
+  scaled = state.replace(b=jax.tree.map(lambda v: 1000.0 * v, state.b),
+                         x=jax.tree.map(lambda v: 1000.0 * v, state.x))
+  for got, ref in zip(jax.tree.leaves(ista.architecture_from_codes(
+      scaled, scaled.b).weights), normed):
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+  # A loss that wants layer 0's α larger: b_0 moves along A_0's column (up
+  # to the shared scale), every layer's b gets a non-zero gradient.
+  def loss(b):
+    return -ista.architecture_from_codes(state, b).weights[ms.GROUP][0][0]
+  grads = jax.grad(loss)(state.b)[ms.GROUP]
+  assert all(np.linalg.norm(g) > 1e-3 for g in grads)
+  step = jax.tree.map(lambda b, g: b - 1e-3 * g, state.b, {ms.GROUP: grads})
+  assert loss(step) < loss(state.b)

@@ -24,7 +24,7 @@ TINY = {
 MOBILENET = {
     'model.space': 'mobilenet', 'model.stage_layers': (2, 2, 0, 0, 0, 0),
     'model.width_multiplier': 0.25, 'model.head_channels': 16,
-    'nas.proj_dims': 4,
+    'nas.proj_dims': 4, 'nas.alpha_norm': 'group_mean_abs',
 }
 
 

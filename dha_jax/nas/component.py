@@ -84,9 +84,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.proj_dims = ista.DEFAULT_PROJ_DIMS
   # Scale of b's N(0, 1) initialisation (the reference's 1e-3).
   c.code_init_scale = ista.DEFAULT_B_INIT_SCALE
-  # α of each node for the forward pass: 'none' (Eq. 7, the reference: α
-  # scales with b) or 'mean_abs' (α / mean|α| per node: the network's output
-  # does not depend on b's scale; a deviation for short runs).
+  # α for the forward pass: 'none' (Eq. 7, the reference: α scales with b),
+  # 'mean_abs' (α / mean|α| per node: the network's output does not depend
+  # on b's scale; a deviation for short runs) or 'group_mean_abs' (α / mean|α|
+  # over each group's nodes: the same, for nodes of one op, such as the
+  # MobileNet layers, where 'mean_abs' would leave b without a gradient).
   c.alpha_norm = 'none'
   # A node freezes when its recovered x̂ moved by at most dist_limit in an
   # epoch: in L2 ('absolute', the reference) or relative to ‖x̂‖

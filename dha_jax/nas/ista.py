@@ -84,9 +84,11 @@ DEFAULT_LAM = DEFAULT_PROJ_DIMS * REFERENCE_LASSO_ALPHA
 DEFAULT_MAX_ITERS = 100_000
 # Relative: stop when ‖x_{k+1} − x_k‖ ≤ tol·‖x_{k+1}‖.
 DEFAULT_TOL = 1e-8
-# How α of a node is scaled for the forward pass (`architecture_from_codes`):
-# 'none' is Eq. 7 as the reference; 'mean_abs' divides by mean|α_node|.
-ALPHA_NORMS = ('none', 'mean_abs')
+# How α is scaled for the forward pass (`architecture_from_codes`): 'none'
+# is Eq. 7 as the reference; 'mean_abs' divides each node's α by its mean
+# |α|; 'group_mean_abs' divides every α of a group (a cell type, the
+# MobileNet layers) by the group's mean |α|.
+ALPHA_NORMS = ('none', 'mean_abs', 'group_mean_abs')
 # The freezing test of `recover`: 'absolute' ‖x_new − x_last‖ ≤ dist_limit
 # (the reference) or 'relative' ‖x_new − x_last‖ ≤ dist_limit·‖x_new‖.
 FREEZE_RULES = ('absolute', 'relative')
@@ -341,6 +343,14 @@ class IstaConfig:
       raise ValueError(f'IstaConfig: ops_per_edge={self.ops_per_edge} must '
                        f'be in [1, {min_ops}] (a node has {min_ops} '
                        'selectable ops)')
+    if self.alpha_norm == 'mean_abs' and self.k_edges * self.ops_per_edge == 1:
+      # α_S / mean|α_S| of a single pair is sign(α_S): its derivative in b
+      # is zero, so b would follow noise, not the loss.
+      raise ValueError(
+          "IstaConfig: alpha_norm='mean_abs' with one (edge, op) pair per "
+          'node makes every α ±1 and gives b no gradient; use '
+          "'group_mean_abs' (config field nas.alpha_norm) or keep more ops "
+          'per node (nas.ops_per_layer)')
 
   @property
   def groups(self) -> Layout:
@@ -447,7 +457,11 @@ def architecture_from_codes(state: IstaState, b: dict[str, PerNode]
   With `config.alpha_norm='mean_abs'` each node's α on its support is
   divided by its mean absolute value (Eq. 7'): α_S / mean|α_S|, so that the
   α of b and of c·b (c > 0) are nearly equal (exactly when x̂ scales with b)
-  and the network's output does not shrink with b's scale.
+  and the network's output does not shrink with b's scale. With
+  'group_mean_abs' the divisor is the mean |α| over the supports of all the
+  group's nodes: the same scale freedom, and a node of one pair (a MobileNet
+  layer) keeps the magnitude of its α relative to the other layers, which
+  trains its b (per node, its α would be ±1 with zero gradient).
 
   Jittable; differentiable in `b`. The output's tree structure holds the
   state's support, so a jitted step taking the result retraces exactly when
@@ -462,6 +476,7 @@ def architecture_from_codes(state: IstaState, b: dict[str, PerNode]
     An `Architecture` whose α for each node is aligned with its support pairs.
   """
   weights = {}
+  norm = state.config.alpha_norm
   for group, nodes in state.config.groups:
     alphas = []
     for i, (shape, node_support) in enumerate(
@@ -470,17 +485,19 @@ def architecture_from_codes(state: IstaState, b: dict[str, PerNode]
       mask = np.zeros((shape.size,), bool)
       mask[idx] = True
       alpha = project_alpha(state.A[group][i], b[group][i],
-                            state.x[group][i], mask)
-      alphas.append(_normalise(alpha[idx], state.config.alpha_norm))
+                            state.x[group][i], mask)[idx]
+      alphas.append(_normalise(alpha) if norm == 'mean_abs' else alpha)
+    if norm == 'group_mean_abs':
+      alphas = _normalise(jnp.concatenate(alphas))
+      splits = np.cumsum([len(pairs) for pairs in state.support_dict[group]])
+      alphas = jnp.split(alphas, splits[:-1])
     weights[group] = alphas
   return search_space.make_architecture(state.support_dict, weights)
 
 
-def _normalise(alpha: jax.Array, alpha_norm: str) -> jax.Array:
-  if alpha_norm == 'none':
-    return alpha
+def _normalise(alpha: jax.Array) -> jax.Array:
+  """α / mean|α|; an all-zero α (b = 0 and x̂ = 0) stays zero, not NaN."""
   scale = jnp.mean(jnp.abs(alpha))
-  # An all-zero α (b = 0 and x̂ = 0) stays zero instead of becoming NaN.
   return alpha / jnp.where(scale > 0, scale, 1.0)
 
 
