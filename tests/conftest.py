@@ -11,8 +11,13 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(__file__)), '.jax_cache')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Compile time dominates these tests (the flax examples' tests do the same).
+# Through the environment, so that the runs the tests start as subprocesses
+# (the CLI, two processes of a multi-host run) compile cheaply too.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
 
-import jax  # pylint: disable=g-import-not-at-top
 
-# Compile time dominates these tests; the flax examples' tests do the same.
-jax.config.update('jax_disable_most_optimizations', True)
+def pytest_collection_modifyitems(items):
+  """Slow tests first: a worker that draws a long test group late would
+  otherwise finish alone, long after the other (pytest -n 2)."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
