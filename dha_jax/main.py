@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from dha_jax import data
+from dha_jax import host_memory
 from dha_jax import parallel
 from dha_jax import train
 
@@ -24,6 +25,10 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'results; rerunning on it resumes.')
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                 lock_config=True)
+flags.DEFINE_bool('retain_host_memory', True, 'Keep freed host memory in the '
+                  'process (glibc malloc settings, dha_jax/host_memory.py) '
+                  'so that XLA:CPU does not page-fault each step\'s buffers '
+                  'in anew; the process keeps its peak host memory.')
 flags.DEFINE_bool('distributed', False, 'Run as one process of a multi-process '
                   'job (TPU pod slice, several GPU hosts): initialises '
                   'jax.distributed. On Cloud TPU, SLURM and Open MPI the '
@@ -103,6 +108,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.retain_host_memory:   # before JAX starts its backend's threads
+    host_memory.retain_freed_memory()
   initialize_distributed()
   logging.info('JAX %s on %d %s device(s), %d process(es); this is process '
                '%d.', jax.__version__, jax.device_count(),

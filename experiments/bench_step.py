@@ -47,8 +47,10 @@ def main() -> None:
     supports.add(r['support'])
     results[f'{mode}_compile_s'] = r['compile_s']
     results[f'{mode}_step_s'] = r['step_s']
+    results[f'{mode}_step_median_s'] = r['step_median_s']
     results[f'{mode}_images_per_s'] = args.batch / r['step_s']
-    print(f'{mode}: compile {r["compile_s"]:.1f} s, step {r["step_s"]:.3f} s, '
+    print(f'{mode}: compile {r["compile_s"]:.1f} s, step {r["step_s"]:.3f} s '
+          f'(median {r["step_median_s"]:.3f} s), '
           f'{args.batch / r["step_s"]:.1f} images/s', flush=True)
   if len(supports) != 1:
     raise RuntimeError('the modes ran on different supports, so their step '

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from configs import default as default_config
+from dha_jax import host_memory
 from dha_jax import hpo
 from dha_jax import parallel
 from dha_jax import step as step_lib
@@ -61,7 +62,8 @@ def time_train_step(config: ml_collections.ConfigDict, model: Any,
 
 def _time_step(fn: Any, state: Any, batch: Any, heldout: Any,
                steps: int) -> dict[str, float]:
-  """Compile seconds of the jitted step `fn` and its best of `steps`."""
+  """Compile seconds of the jitted step `fn`, its best and its median of
+  `steps` (this machine's step times vary by ±20 % from run to run)."""
   start = time.perf_counter()
   compiled = fn.lower(state, batch, heldout).compile()
   compile_s = time.perf_counter() - start
@@ -71,21 +73,27 @@ def _time_step(fn: Any, state: Any, batch: Any, heldout: Any,
     state, metrics = compiled(state, batch, heldout)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return {'compile_s': compile_s, 'step_s': float(np.min(times))}
+  return {'compile_s': compile_s, 'step_s': float(np.min(times)),
+          'step_median_s': float(np.median(times))}
 
 
 def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
   """The network and batch options every benchmark takes, plus `extra`
   ({option name: default}; '--name' flags with the default's type).
 
-  `--threads 1` runs XLA:CPU on one thread; it must be parsed before JAX
-  starts its backend, which is why the benchmarks call this first.
+  `--threads 1` runs XLA:CPU on one thread and pins the process to one CPU
+  (without the pin, XLA still ran independent ops on a second core: the
+  process used 1.6 CPU-seconds per second of a '1-thread' step);
+  `--retain-host-memory 1` (the default, as in `dha_jax.main`) keeps freed
+  host memory in the process (`dha_jax.host_memory`). Both must happen
+  before JAX starts its backend, which is why the benchmarks call this
+  first.
   """
   parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   defaults = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32, 'steps': 5,
               'aux': 0, 'cutout': 0, 'genotype': '', 'depthwise': 'auto',
               'threads': 'all', 'space': 'darts_cell',
-              'width_multiplier': 1.0, **extra}
+              'width_multiplier': 1.0, 'retain_host_memory': 1, **extra}
   helps = {
       'aux': '1: the auxiliary head (weight 0.4), as DARTS on CIFAR',
       'cutout': 'side of the Cutout square on training images (0: none)',
@@ -95,7 +103,11 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
           depthwise.IMPLEMENTATIONS),
       'space': "model.space: 'darts_cell' (channels, layers) or 'mobilenet' "
                "(ProxylessNAS' 21 layers at width-multiplier)",
-      'threads': "XLA:CPU threads: 'all' or '1'"}
+      'threads': "XLA:CPU threads: 'all' or '1' (one thread, pinned to one "
+                 "CPU)",
+      'retain_host_memory': '1: keep freed host memory in the process '
+                            '(dha_jax.host_memory), as dha_jax.main does; 0: '
+                            "glibc's defaults"}
   for name, default in defaults.items():
     parser.add_argument(f'--{name.replace("_", "-")}', type=type(default),
                         default=default, help=helps.get(name))
@@ -105,6 +117,9 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
   if args.threads == '1':
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
                                + SINGLE_THREAD_XLA).strip()
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+  if args.retain_host_memory:
+    host_memory.retain_freed_memory()
   return args
 
 
@@ -132,6 +147,7 @@ def network_info(args: argparse.Namespace) -> dict[str, Any]:
           'cutout': args.cutout, 'genotype': args.genotype,
           'space': args.space, 'width_multiplier': args.width_multiplier,
           'depthwise': args.depthwise, 'threads': args.threads,
+          'retain_host_memory': args.retain_host_memory,
           **machine_info()}
 
 

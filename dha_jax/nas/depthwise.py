@@ -11,27 +11,30 @@ implementations compute the same function:
 
   'grouped'         `lax.conv_general_dilated(..., feature_group_count=C)`;
   'shifted'         Σ_{i,j} x_pad[:, s·h + d·i, s·w + d·j, :] · w[i, j, :],
-                    k² strided slices of the padded input, each scaled per
-                    channel: O(k²·C) work per pixel, no convolution at all;
+                    k² slices of the padded input, each scaled per channel,
+                    with W and C merged into one minor axis so that XLA
+                    fuses all taps into one vectorised loop; its backward
+                    pass is written out (a custom VJP): ∂x is the same loop
+                    over the cotangent with the flipped kernel, ∂w one
+                    multiply-reduce per tap, and only the input is kept;
   'block_diagonal'  a dense conv whose kernel is w on the diagonal of a
-                    C×C matrix per tap: C times the FLOPs, but it runs on
-                    the CPU's well-tuned dense conv kernels, which wins for
-                    few channels.
+                    C×C matrix per tap: C times the FLOPs, on the CPU's
+                    dense conv kernels.
 
-'auto' picks 'grouped' on GPU/TPU and, on CPU, 'block_diagonal' up to
-`BLOCK_DIAGONAL_MAX_CHANNELS` channels and 'shifted' above. (Alone, a 5×5
-conv of 16-32 channels runs faster shifted; inside the network, where XLA
-fuses and keeps residuals differently, block-diagonal convs throughout won:
-experiments/RESULTS.md, 'Step time against the official code'.) All take the
-kernel in the layout of `nn.Conv(feature_group_count=C)`, [k, k, 1, C], and
-`DepthwiseConv` names its parameter as `nn.Conv` does, so parameter trees,
-checkpoints and initial values do not depend on the choice; outputs agree to
-float32 rounding (tests/depthwise_test.py).
+'auto' picks 'grouped' on GPU/TPU and 'shifted' on CPU: in the network of
+the speed comparison its forward is about 10x and its step 7-14 % faster
+than 'block_diagonal''s (experiments/RESULTS.md, 'Step time against the
+official code'). All take the kernel in the layout of
+`nn.Conv(feature_group_count=C)`, [k, k, 1, C], and `DepthwiseConv` names
+its parameter as `nn.Conv` does, so parameter trees, checkpoints and initial
+values do not depend on the choice; outputs and gradients agree to float32
+rounding (tests/depthwise_test.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -39,10 +42,6 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLEMENTATIONS = ('auto', 'grouped', 'shifted', 'block_diagonal')
-# On CPU the dense conv of 'block_diagonal' (C times the multiply-adds)
-# beats the k² memory passes of 'shifted' up to about this width
-# (bench_step and bench_depthwise on the development CPU, RESULTS.md).
-BLOCK_DIAGONAL_MAX_CHANNELS = 32
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -60,22 +59,98 @@ def _grouped(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
       feature_group_count=x.shape[-1])
 
 
-def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
-             padding: int) -> jax.Array:
-  n, h, w, c = x.shape
-  k = kernel.shape[0]
-  h_out = output_size(h, k, stride, dilation, padding)
-  w_out = output_size(w, k, stride, dilation, padding)
-  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out = None
+def _taps(x_flat: jax.Array, k: int, dilation: int, channels: int,
+          h_out: int, w_out: int) -> Iterator[tuple[int, int, jax.Array]]:
+  """(i, j, x_pad[:, d·i + y, d·j + x] for y < h_out, x < w_out) for the k²
+  taps, with x_pad flattened to [N, H, W·C]: each tap is one contiguous
+  slice of the minor axis, [N, h_out, w_out·C]."""
+  n = x_flat.shape[0]
   for i in range(k):
     for j in range(k):
-      start = (0, i * dilation, j * dilation, 0)
-      limit = (n, start[1] + stride * (h_out - 1) + 1,
-               start[2] + stride * (w_out - 1) + 1, c)
-      tap = lax.slice(x, start, limit, (1, stride, stride, 1)) * kernel[i, j, 0]
-      out = tap if out is None else out + tap
-  return out
+      yield i, j, lax.slice(
+          x_flat, (0, i * dilation, j * dilation * channels),
+          (n, i * dilation + h_out, (j * dilation + w_out) * channels))
+
+
+def _correlate(x_pad: jax.Array, kernel: jax.Array, dilation: int,
+               h_out: int, w_out: int) -> jax.Array:
+  """Stride-1 depthwise correlation of an already padded input:
+  out[n, y, x, c] = Σ_{i,j} x_pad[n, y + d·i, x + d·j, c] · kernel[i, j, 0, c].
+
+  W and C are merged into one minor axis ([N, H, W·C]), so each tap is one
+  contiguous slice scaled by its kernel row tiled W times: XLA fuses the k²
+  taps into one vectorised loop over the output (with C minor alone, a
+  vector is at most C lanes wide).
+  """
+  n, h_pad, w_pad, c = x_pad.shape
+  out = None
+  for i, j, tap in _taps(x_pad.reshape(n, h_pad, w_pad * c),
+                         kernel.shape[0], dilation, c, h_out, w_out):
+    tap = tap * jnp.tile(kernel[i, j, 0], w_out)
+    out = tap if out is None else out + tap
+  return out.reshape(n, h_out, w_out, c)
+
+
+def _dense_output_size(size: int, k: int, dilation: int, padding: int) -> int:
+  """The stride-1 output size, of which a strided conv keeps every s-th."""
+  return output_size(size, k, 1, dilation, padding)
+
+
+def _to_dense_grid(g: jax.Array, stride: int, h_dense: int, w_dense: int,
+                   pad: int = 0) -> jax.Array:
+  """The strided output's cotangent put back on the stride-1 output grid
+  (zeros between), with `pad` more zeros on every side."""
+  zero = jnp.zeros((), g.dtype)
+  h_high = h_dense - (g.shape[1] - 1) * stride - 1
+  w_high = w_dense - (g.shape[2] - 1) * stride - 1
+  return lax.pad(g, zero, ((0, 0, 0), (pad, pad + h_high, stride - 1),
+                           (pad, pad + w_high, stride - 1), (0, 0, 0)))
+
+
+def _pad_spatial(x: jax.Array, padding: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
+             padding: int) -> jax.Array:
+  _, h, w, _ = x.shape
+  k = kernel.shape[0]
+  h_dense = _dense_output_size(h, k, dilation, padding)
+  w_dense = _dense_output_size(w, k, dilation, padding)
+  out = _correlate(_pad_spatial(x, padding), kernel, dilation, h_dense,
+                   w_dense)
+  return out[:, ::stride, ::stride] if stride > 1 else out
+
+
+def _shifted_forward(x, kernel, stride, dilation, padding):
+  # Only the input is kept for the backward pass: JAX's own VJP of the k²
+  # slices keeps each slice, k² copies of the input.
+  return _shifted(x, kernel, stride, dilation, padding), (x, kernel)
+
+
+def _shifted_backward(stride, dilation, padding, residuals, g):
+  """∂x: the correlation of the zero-padded cotangent with the flipped
+  kernel (a transposed conv); ∂kernel[i, j] = Σ_{n,y,x} x_pad[n, y + d·i,
+  x + d·j] · g[n, y, x], one fused multiply-reduce per tap."""
+  x, kernel = residuals
+  n, h, w, c = x.shape
+  k = kernel.shape[0]
+  h_dense = _dense_output_size(h, k, dilation, padding)
+  w_dense = _dense_output_size(w, k, dilation, padding)
+  reach = dilation * (k - 1) - padding
+  g_pad = _to_dense_grid(g, stride, h_dense, w_dense, pad=reach)
+  grad_x = _correlate(g_pad, kernel[::-1, ::-1], dilation, h, w)
+  g_flat = _to_dense_grid(g, stride, h_dense, w_dense).reshape(
+      n, h_dense, w_dense * c)
+  x_flat = _pad_spatial(x, padding).reshape(n, h + 2 * padding, -1)
+  grad_kernel = [
+      jnp.sum(tap * g_flat, axis=(0, 1)).reshape(w_dense, c).sum(0)
+      for _, _, tap in _taps(x_flat, k, dilation, c, h_dense, w_dense)]
+  return grad_x, jnp.stack(grad_kernel).reshape(kernel.shape)
+
+
+_shifted.defvjp(_shifted_forward, _shifted_backward)
 
 
 def _block_diagonal(x: jax.Array, kernel: jax.Array, stride: int,
@@ -99,16 +174,14 @@ def check_implementation(impl: str) -> None:
                      f'{IMPLEMENTATIONS} (config field model.depthwise)')
 
 
-def resolve(impl: str, channels: int, backend: str | None = None) -> str:
-  """The implementation that `impl` ('auto' or a name) stands for, for a
-  depthwise conv of `channels` channels on `backend` (default: JAX's)."""
+def resolve(impl: str, backend: str | None = None) -> str:
+  """The implementation that `impl` ('auto' or a name) stands for on
+  `backend` (default: JAX's)."""
   check_implementation(impl)
   if impl != 'auto':
     return impl
-  if (backend or jax.default_backend()) != 'cpu':
-    return 'grouped'
-  return ('block_diagonal' if channels <= BLOCK_DIAGONAL_MAX_CHANNELS
-          else 'shifted')
+  return 'shifted' if (backend or jax.default_backend()) == 'cpu' else (
+      'grouped')
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
@@ -122,7 +195,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
     kernel: [k, k, 1, C] (square k).
     stride, dilation, padding: the same for both spatial axes; `padding`
       zeros on each side.
-    impl: one of `IMPLEMENTATIONS` ('auto': by backend and C).
+    impl: one of `IMPLEMENTATIONS` ('auto': by backend).
 
   Returns:
     [N, H', W', C] with H' = `output_size(H, k, stride, dilation, padding)`.
@@ -131,7 +204,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
   if k != k2 or one != 1 or c != x.shape[-1]:
     raise ValueError(f'a depthwise kernel of {x.shape[-1]} channels is '
                      f'[k, k, 1, {x.shape[-1]}], got {kernel.shape}')
-  return _IMPLS[resolve(impl, c)](x, kernel, stride, dilation, padding)
+  return _IMPLS[resolve(impl)](x, kernel, stride, dilation, padding)
 
 
 class DepthwiseConv(nn.Module):
