@@ -117,7 +117,8 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
   if args.threads == '1':
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
                                + SINGLE_THREAD_XLA).strip()
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if hasattr(os, 'sched_setaffinity'):   # Linux; elsewhere unpinned
+      os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   if args.retain_host_memory:
     host_memory.retain_freed_memory()
   return args
