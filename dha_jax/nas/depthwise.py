@@ -21,10 +21,12 @@ implementations compute the same function:
                     C×C matrix per tap: C times the FLOPs, on the CPU's
                     dense conv kernels.
 
-'auto' picks 'grouped' on GPU/TPU and 'shifted' on CPU: in the network of
-the speed comparison its forward is about 10x and its step 7-14 % faster
-than 'block_diagonal''s (experiments/RESULTS.md, 'Step time against the
-official code'). All take the kernel in the layout of
+'auto' picks 'grouped' on GPU/TPU and, on CPU, 'block_diagonal' up to
+`BLOCK_DIAGONAL_MAX_CHANNELS` channels and 'shifted' above. In the C = 8
+network of the speed comparison 'shifted''s forward is about 10x and its
+step 7-14 % faster than 'block_diagonal''s, but its k² taps compile 40-50 %
+longer (experiments/RESULTS.md, 'Step time against the official code'):
+`model.depthwise='shifted'` is the choice for long runs of few channels. All take the kernel in the layout of
 `nn.Conv(feature_group_count=C)`, [k, k, 1, C], and `DepthwiseConv` names
 its parameter as `nn.Conv` does, so parameter trees, checkpoints and initial
 values do not depend on the choice; outputs and gradients agree to float32
@@ -42,6 +44,11 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLEMENTATIONS = ('auto', 'grouped', 'shifted', 'block_diagonal')
+# On CPU, 'shifted' runs the step of a C = 8 network 7-14 % faster than
+# 'block_diagonal' but compiles 40-50 % longer (RESULTS.md), which short
+# runs that recompile as the support changes pay several times; up to this
+# width 'auto' keeps 'block_diagonal', above it 'shifted' wins both ways.
+BLOCK_DIAGONAL_MAX_CHANNELS = 32
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -174,14 +181,16 @@ def check_implementation(impl: str) -> None:
                      f'{IMPLEMENTATIONS} (config field model.depthwise)')
 
 
-def resolve(impl: str, backend: str | None = None) -> str:
-  """The implementation that `impl` ('auto' or a name) stands for on
-  `backend` (default: JAX's)."""
+def resolve(impl: str, channels: int, backend: str | None = None) -> str:
+  """The implementation that `impl` ('auto' or a name) stands for, for a
+  depthwise conv of `channels` channels on `backend` (default: JAX's)."""
   check_implementation(impl)
   if impl != 'auto':
     return impl
-  return 'shifted' if (backend or jax.default_backend()) == 'cpu' else (
-      'grouped')
+  if (backend or jax.default_backend()) != 'cpu':
+    return 'grouped'
+  return ('block_diagonal' if channels <= BLOCK_DIAGONAL_MAX_CHANNELS
+          else 'shifted')
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
@@ -195,7 +204,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
     kernel: [k, k, 1, C] (square k).
     stride, dilation, padding: the same for both spatial axes; `padding`
       zeros on each side.
-    impl: one of `IMPLEMENTATIONS` ('auto': by backend).
+    impl: one of `IMPLEMENTATIONS` ('auto': by backend and C).
 
   Returns:
     [N, H', W', C] with H' = `output_size(H, k, stride, dilation, padding)`.
@@ -204,7 +213,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
   if k != k2 or one != 1 or c != x.shape[-1]:
     raise ValueError(f'a depthwise kernel of {x.shape[-1]} channels is '
                      f'[k, k, 1, {x.shape[-1]}], got {kernel.shape}')
-  return _IMPLS[resolve(impl)](x, kernel, stride, dilation, padding)
+  return _IMPLS[resolve(impl, c)](x, kernel, stride, dilation, padding)
 
 
 class DepthwiseConv(nn.Module):
