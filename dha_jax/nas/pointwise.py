@@ -4,9 +4,9 @@ A 1×1 conv (DARTS' preprocessing ReLU-Conv-BN, the pointwise half of every
 sep/dil conv, FactorizedReduce, MobileNet's expansions and projections) is a
 matrix product over the channel axis. XLA:CPU runs it as a convolution whose
 kernel gradient transposes the activations first; as a `dot_general` its
-forward + backward is 2-3x faster at the DARTS network's shapes (batch 96,
-8-64 channels: 48 → 15 ms at 32 px, 32 → 16 channels; experiments/RESULTS.md,
-'Step time against the official code'). GPU and TPU keep XLA's convolution.
+forward + backward is 2-3x faster at the DARTS network's shapes
+(experiments/RESULTS.md, 'Step time against the official code'). GPU and
+TPU keep XLA's convolution.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so it is
 passed to `nn.Conv(conv_general_dilated=...)`: the parameter ('kernel',
