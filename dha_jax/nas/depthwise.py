@@ -103,15 +103,15 @@ def _dense_output_size(size: int, k: int, dilation: int, padding: int) -> int:
   return output_size(size, k, 1, dilation, padding)
 
 
-def _to_dense_grid(g: jax.Array, stride: int, h_dense: int, w_dense: int,
-                   pad: int = 0) -> jax.Array:
+def _to_dense_grid(g: jax.Array, stride: int, h_dense: int, w_dense: int
+                   ) -> jax.Array:
   """The strided output's cotangent put back on the stride-1 output grid
-  (zeros between), with `pad` more zeros on every side."""
+  (zeros between)."""
   zero = jnp.zeros((), g.dtype)
   h_high = h_dense - (g.shape[1] - 1) * stride - 1
   w_high = w_dense - (g.shape[2] - 1) * stride - 1
-  return lax.pad(g, zero, ((0, 0, 0), (pad, pad + h_high, stride - 1),
-                           (pad, pad + w_high, stride - 1), (0, 0, 0)))
+  return lax.pad(g, zero, ((0, 0, 0), (0, h_high, stride - 1),
+                           (0, w_high, stride - 1), (0, 0, 0)))
 
 
 def _pad_spatial(x: jax.Array, padding: int) -> jax.Array:
@@ -146,10 +146,12 @@ def _shifted_backward(stride, dilation, padding, residuals, g):
   h_dense = _dense_output_size(h, k, dilation, padding)
   w_dense = _dense_output_size(w, k, dilation, padding)
   reach = dilation * (k - 1) - padding
-  g_pad = _to_dense_grid(g, stride, h_dense, w_dense, pad=reach)
+  g_dense = _to_dense_grid(g, stride, h_dense, w_dense)
+  # lax.pad, not jnp.pad: a padding wider than the kernel's reach crops.
+  g_pad = lax.pad(g_dense, jnp.zeros((), g.dtype),
+                  ((0, 0, 0), (reach, reach, 0), (reach, reach, 0), (0, 0, 0)))
   grad_x = _correlate(g_pad, kernel[::-1, ::-1], dilation, h, w)
-  g_flat = _to_dense_grid(g, stride, h_dense, w_dense).reshape(
-      n, h_dense, w_dense * c)
+  g_flat = g_dense.reshape(n, h_dense, w_dense * c)
   x_flat = _pad_spatial(x, padding).reshape(n, h + 2 * padding, -1)
   grad_kernel = [
       jnp.sum(tap * g_flat, axis=(0, 1)).reshape(w_dense, c).sum(0)
