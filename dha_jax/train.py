@@ -49,6 +49,7 @@ from dha_jax import step as step_lib
 from dha_jax.components import Component, component_key
 from dha_jax.hpo import inner as hpo_inner
 from dha_jax.nas import depthwise
+from dha_jax.nas import pooling
 from dha_jax.nas import network
 from dha_jax.nas import resources
 from dha_jax.nas import search_space
@@ -316,6 +317,7 @@ def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> nn.Module:
   """The network of `config.model` (`model.space` picks its kind)."""
   depthwise.check_implementation(config.model.depthwise)
+  pooling.check_implementation(config.model.pooling)
   return spaces.create_network(config.model, num_classes)
 
 

@@ -22,13 +22,13 @@ from dha_jax import step as step_lib
 from dha_jax import train
 from dha_jax.components import Component, component_key
 from dha_jax.nas import depthwise
+from dha_jax.nas import pooling
 from dha_jax.nas import search_space
 from dha_jax.nas import spaces
 
-# One XLA:CPU thread (`--threads 1`): Eigen's pool and XLA's intra-op
-# parallelism both off.
-SINGLE_THREAD_XLA = ('--xla_cpu_multi_thread_eigen=false '
-                     'intra_op_parallelism_threads=1')
+# One XLA:CPU thread (`--threads 1`): Eigen's pool off (the process is also
+# pinned to one CPU, see `parse_args`).
+SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false'
 
 BENCH_LR = 0.05
 BENCH_WD = 3e-4
@@ -92,6 +92,7 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   defaults = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32, 'steps': 5,
               'aux': 0, 'cutout': 0, 'genotype': '', 'depthwise': 'auto',
+              'pooling': 'auto',
               'threads': 'all', 'space': 'darts_cell',
               'width_multiplier': 1.0, 'retain_host_memory': 1, **extra}
   helps = {
@@ -101,6 +102,7 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
                   "support), 'darts_v2' or a genotype.json",
       'depthwise': 'model.depthwise: ' + ', '.join(
           depthwise.IMPLEMENTATIONS),
+      'pooling': 'model.pooling: ' + ', '.join(pooling.IMPLEMENTATIONS),
       'space': "model.space: 'darts_cell' (channels, layers) or 'mobilenet' "
                "(ProxylessNAS' 21 layers at width-multiplier)",
       'threads': "XLA:CPU threads: 'all' or '1' (one thread, pinned to one "
@@ -131,6 +133,7 @@ def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.model.layers = args.layers
   config.model.auxiliary = bool(args.aux)
   config.model.depthwise = args.depthwise
+  config.model.pooling = args.pooling
   config.preprocess.cutout_size = args.cutout
   config.dataset.image_size = args.size
   config.batch_size = args.batch
@@ -147,7 +150,8 @@ def network_info(args: argparse.Namespace) -> dict[str, Any]:
           'batch': args.batch, 'size': args.size, 'aux': args.aux,
           'cutout': args.cutout, 'genotype': args.genotype,
           'space': args.space, 'width_multiplier': args.width_multiplier,
-          'depthwise': args.depthwise, 'threads': args.threads,
+          'depthwise': args.depthwise, 'pooling': args.pooling,
+          'threads': args.threads,
           'retain_host_memory': args.retain_host_memory,
           **machine_info()}
 

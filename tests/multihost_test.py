@@ -14,12 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import cli_run
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The full DHA step: θ, the NAS code b, τ and η all move.
-OVERRIDES = {'heldout_batch_size': 4, 'hpo.mode': 'exact',
-             'keep_checkpoints': 5}
+# The full DHA step: θ, the NAS code b, τ and η all move. The settings of
+# DHA's CLI run (tests/cli_run.py), whose check the one-process run is.
+OVERRIDES = {**cli_run.cli_overrides('dha'), 'keep_checkpoints': 5}
 RESUME_STEP = 2
 TIMEOUT_S = 600
 
@@ -90,12 +91,17 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('multihost')
   pair, single = str(root / 'pair'), str(root / 'single')
   pair_procs = run_pair(pair)
-  run_single(single)
-  return pair, single, pair_procs
+  single_proc = run_single(single)
+  return pair, single, pair_procs, single_proc
+
+
+def test_one_process_is_a_complete_dha_run_from_the_cli(runs):
+  _, single, _, proc = runs
+  cli_run.assert_complete_run(single, 'dha', proc.stderr)
 
 
 def test_two_processes_match_one_process_with_both_devices(runs):
-  pair, single, procs = runs
+  pair, single, procs, _ = runs
   with open(os.path.join(pair, 'summary.json')) as f:
     summary = json.load(f)
   final = summary['train_steps']
@@ -121,7 +127,7 @@ def test_two_processes_match_one_process_with_both_devices(runs):
 
 
 def test_the_pair_resumes_from_the_checkpoint_it_wrote(runs, tmp_path):
-  pair, single, _ = runs
+  pair, single, _, _ = runs
   resumed = str(tmp_path / 'resumed')
   shutil.copytree(pair, resumed)
   os.remove(os.path.join(resumed, 'summary.json'))

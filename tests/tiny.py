@@ -22,6 +22,9 @@ TINY = {
     # unfused slices, slower to compile and to run. depthwise_test.py holds
     # every implementation equal, in the network too.
     'model.depthwise': 'grouped',
+    # Likewise XLA's reduce-window for the pools (pooling_test.py holds the
+    # 'shifted' form equal to it).
+    'model.pooling': 'reduce_window',
 }
 
 # The tiny MobileNet-space network (add to TINY): 4 searchable layers of

@@ -36,12 +36,14 @@ rounding (tests/depthwise_test.py).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dha_jax.nas import windows
 
 IMPLEMENTATIONS = ('auto', 'grouped', 'shifted', 'block_diagonal')
 # On CPU, 'shifted' runs the step of a C = 8 network 7-14 % faster than
@@ -55,7 +57,7 @@ _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 def output_size(size: int, kernel: int, stride: int, dilation: int,
                 padding: int) -> int:
   """Spatial output size of a conv: ⌊(n + 2p − d(k − 1) − 1) / s⌋ + 1."""
-  return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+  return windows.output_size(size, kernel, stride, dilation, padding)
 
 
 def _grouped(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
@@ -66,56 +68,27 @@ def _grouped(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
       feature_group_count=x.shape[-1])
 
 
-def _taps(x_flat: jax.Array, k: int, dilation: int, channels: int,
-          h_out: int, w_out: int) -> Iterator[tuple[int, int, jax.Array]]:
-  """(i, j, x_pad[:, d·i + y, d·j + x] for y < h_out, x < w_out) for the k²
-  taps, with x_pad flattened to [N, H, W·C]: each tap is one contiguous
-  slice of the minor axis, [N, h_out, w_out·C]."""
-  n = x_flat.shape[0]
-  for i in range(k):
-    for j in range(k):
-      yield i, j, lax.slice(
-          x_flat, (0, i * dilation, j * dilation * channels),
-          (n, i * dilation + h_out, (j * dilation + w_out) * channels))
-
-
 def _correlate(x_pad: jax.Array, kernel: jax.Array, dilation: int,
                h_out: int, w_out: int) -> jax.Array:
   """Stride-1 depthwise correlation of an already padded input:
   out[n, y, x, c] = Σ_{i,j} x_pad[n, y + d·i, x + d·j, c] · kernel[i, j, 0, c].
 
-  W and C are merged into one minor axis ([N, H, W·C]), so each tap is one
-  contiguous slice scaled by its kernel row tiled W times: XLA fuses the k²
-  taps into one vectorised loop over the output (with C minor alone, a
-  vector is at most C lanes wide).
+  Each tap is one contiguous slice of the merged [N, H, W·C] input
+  (`windows.taps`), scaled by its kernel row tiled W times: XLA fuses the
+  k² taps into one vectorised loop over the output.
   """
-  n, h_pad, w_pad, c = x_pad.shape
+  n, _, _, c = x_pad.shape
   out = None
-  for i, j, tap in _taps(x_pad.reshape(n, h_pad, w_pad * c),
-                         kernel.shape[0], dilation, c, h_out, w_out):
+  for i, j, tap in windows.taps(windows.merge_minor(x_pad), kernel.shape[0],
+                                dilation, c, h_out, w_out):
     tap = tap * jnp.tile(kernel[i, j, 0], w_out)
     out = tap if out is None else out + tap
   return out.reshape(n, h_out, w_out, c)
 
 
-def _dense_output_size(size: int, k: int, dilation: int, padding: int) -> int:
+def _dense_size(size: int, k: int, dilation: int, padding: int) -> int:
   """The stride-1 output size, of which a strided conv keeps every s-th."""
   return output_size(size, k, 1, dilation, padding)
-
-
-def _to_dense_grid(g: jax.Array, stride: int, h_dense: int, w_dense: int
-                   ) -> jax.Array:
-  """The strided output's cotangent put back on the stride-1 output grid
-  (zeros between)."""
-  zero = jnp.zeros((), g.dtype)
-  h_high = h_dense - (g.shape[1] - 1) * stride - 1
-  w_high = w_dense - (g.shape[2] - 1) * stride - 1
-  return lax.pad(g, zero, ((0, 0, 0), (0, h_high, stride - 1),
-                           (0, w_high, stride - 1), (0, 0, 0)))
-
-
-def _pad_spatial(x: jax.Array, padding: int) -> jax.Array:
-  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -123,11 +96,10 @@ def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
              padding: int) -> jax.Array:
   _, h, w, _ = x.shape
   k = kernel.shape[0]
-  h_dense = _dense_output_size(h, k, dilation, padding)
-  w_dense = _dense_output_size(w, k, dilation, padding)
-  out = _correlate(_pad_spatial(x, padding), kernel, dilation, h_dense,
-                   w_dense)
-  return out[:, ::stride, ::stride] if stride > 1 else out
+  out = _correlate(windows.pad_spatial(x, padding), kernel, dilation,
+                   _dense_size(h, k, dilation, padding),
+                   _dense_size(w, k, dilation, padding))
+  return windows.subsample(out, stride)
 
 
 def _shifted_forward(x, kernel, stride, dilation, padding):
@@ -141,21 +113,21 @@ def _shifted_backward(stride, dilation, padding, residuals, g):
   kernel (a transposed conv); ∂kernel[i, j] = Σ_{n,y,x} x_pad[n, y + d·i,
   x + d·j] · g[n, y, x], one fused multiply-reduce per tap."""
   x, kernel = residuals
-  n, h, w, c = x.shape
+  _, h, w, c = x.shape
   k = kernel.shape[0]
-  h_dense = _dense_output_size(h, k, dilation, padding)
-  w_dense = _dense_output_size(w, k, dilation, padding)
+  h_dense = _dense_size(h, k, dilation, padding)
+  w_dense = _dense_size(w, k, dilation, padding)
   reach = dilation * (k - 1) - padding
-  g_dense = _to_dense_grid(g, stride, h_dense, w_dense)
-  # lax.pad, not jnp.pad: a padding wider than the kernel's reach crops.
-  g_pad = lax.pad(g_dense, jnp.zeros((), g.dtype),
-                  ((0, 0, 0), (reach, reach, 0), (reach, reach, 0), (0, 0, 0)))
-  grad_x = _correlate(g_pad, kernel[::-1, ::-1], dilation, h, w)
-  g_flat = g_dense.reshape(n, h_dense, w_dense * c)
-  x_flat = _pad_spatial(x, padding).reshape(n, h + 2 * padding, -1)
+  g_dense = windows.to_dense_grid(g, stride, h_dense, w_dense)
+  # A padding wider than the kernel's reach makes `reach` negative: a crop.
+  grad_x = _correlate(windows.pad_spatial(g_dense, reach), kernel[::-1, ::-1],
+                      dilation, h, w)
+  g_flat = windows.merge_minor(g_dense)
   grad_kernel = [
       jnp.sum(tap * g_flat, axis=(0, 1)).reshape(w_dense, c).sum(0)
-      for _, _, tap in _taps(x_flat, k, dilation, c, h_dense, w_dense)]
+      for _, _, tap in windows.taps(
+          windows.merge_minor(windows.pad_spatial(x, padding)), k, dilation,
+          c, h_dense, w_dense)]
   return grad_x, jnp.stack(grad_kernel).reshape(kernel.shape)
 
 

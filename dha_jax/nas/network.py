@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import pointwise
+from dha_jax.nas import pooling as pooling_lib
 from dha_jax.nas import search_space
 from dha_jax.nas.search_space import Architecture
 
@@ -121,22 +122,13 @@ class FactorizedReduce(nn.Module):
     return batch_norm(train)(jnp.concatenate([a, b], axis=-1))
 
 
-def _avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
-  return nn.avg_pool(x, (3, 3), strides=(stride, stride),
-                     padding=((1, 1), (1, 1)), count_include_pad=False)
-
-
-def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
-  return nn.max_pool(x, (3, 3), strides=(stride, stride),
-                     padding=((1, 1), (1, 1)))
-
-
 class CandidateOp(nn.Module):
   """One candidate operation of the search space, by name."""
   op: str
   features: int
   stride: int
   depthwise: str = 'auto'
+  pooling: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -144,9 +136,9 @@ class CandidateOp(nn.Module):
     if op == 'none':
       return jnp.zeros_like(x[:, ::s, ::s])
     if op == 'max_pool_3x3':
-      return _max_pool_3x3(x, s)
+      return pooling_lib.max_pool_3x3(x, s, self.pooling)
     if op == 'avg_pool_3x3':
-      return _avg_pool_3x3(x, s)
+      return pooling_lib.avg_pool_3x3(x, s, self.pooling)
     if op == 'skip_connect':
       return x if s == 1 else FactorizedReduce(c)(x, train)
     if op.startswith('sep_conv_'):
@@ -175,6 +167,7 @@ class Cell(nn.Module):
   reduction_prev: bool
   support: search_space.CellSupport
   depthwise: str = 'auto'
+  pooling: str = 'auto'
 
   @nn.compact
   def __call__(self, s0: jax.Array, s1: jax.Array,
@@ -189,7 +182,7 @@ class Cell(nn.Module):
       node = 0.0
       for k, (edge, op) in enumerate(pairs):
         stride = 2 if self.reduction and edge < 2 else 1
-        h = CandidateOp(op, c, stride, self.depthwise,
+        h = CandidateOp(op, c, stride, self.depthwise, self.pooling,
                         name=f'n{i}_e{edge}_{op}')(
             states[edge], train)
         is_identity = op == 'skip_connect' and stride == 1
@@ -235,6 +228,8 @@ class DARTSNetwork(nn.Module):
     stem: 'cifar' (3×3 conv to 3C) or 'imagenet' (three stride-2 convs).
     depthwise: the depthwise convs' implementation
       (`depthwise.IMPLEMENTATIONS`; 'auto' by backend and width).
+    pooling: the 3×3 pools' implementation (`pooling.IMPLEMENTATIONS`;
+      'auto' by backend).
 
   Call: `apply(variables, x, arch, train=..., drop_path_rate=...)` with
   x float [N, H, W, 3] → (logits [N, classes], aux logits or None). Dropout
@@ -246,6 +241,7 @@ class DARTSNetwork(nn.Module):
   auxiliary: bool = False
   stem: str = 'cifar'
   depthwise: str = 'auto'
+  pooling: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, arch: Architecture, *, train: bool,
@@ -279,7 +275,7 @@ class DARTSNetwork(nn.Module):
         c_curr *= 2
       cell_type = 'reduce' if reduction else 'normal'
       cell = Cell(c_curr, reduction, reduction_prev,
-                  arch.cell_support(cell_type), self.depthwise,
+                  arch.cell_support(cell_type), self.depthwise, self.pooling,
                   name=f'cell{layer}')
       s0, s1 = s1, cell(s0, s1, arch.weights[cell_type], train=train,
                         drop_path_rate=rate)

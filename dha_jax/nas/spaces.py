@@ -157,7 +157,8 @@ def create_network(model: ml_collections.ConfigDict,
     return network.DARTSNetwork(num_classes=num_classes,
                                 channels=model.channels, layers=model.layers,
                                 auxiliary=model.auxiliary, stem=model.stem,
-                                depthwise=model.depthwise)
+                                depthwise=model.depthwise,
+                                pooling=model.pooling)
   if model.auxiliary:
     raise ValueError("model.auxiliary adds DARTS' auxiliary head; the "
                      'MobileNet network has none: set model.auxiliary=False.')
