@@ -13,10 +13,13 @@ implementations compute the same function:
   'shifted'         Σ_{i,j} x_pad[:, s·h + d·i, s·w + d·j, :] · w[i, j, :],
                     k² slices of the padded input, each scaled per channel,
                     with W and C merged into one minor axis so that XLA
-                    fuses all taps into one vectorised loop; its backward
-                    pass is written out (a custom VJP): ∂x is the same loop
-                    over the cotangent with the flipped kernel, ∂w one
-                    multiply-reduce per tap, and only the input is kept;
+                    fuses all taps into one vectorised loop
+                    (`nas/windows.py`); a strided conv reads its taps from
+                    the input's s² phases, so it computes only the outputs
+                    it keeps. Its backward pass is written out (a custom
+                    VJP): ∂x is the same loop over the cotangent with the
+                    flipped kernel, per phase, ∂w one multiply-reduce per
+                    tap, and only the input is kept;
   'block_diagonal'  a dense conv whose kernel is w on the diagonal of a
                     C×C matrix per tap: C times the FLOPs, on the CPU's
                     dense conv kernels.
@@ -26,7 +29,8 @@ implementations compute the same function:
 network of the speed comparison 'shifted''s forward is about 10x and its
 step 7-14 % faster than 'block_diagonal''s, but its k² taps compile 40-50 %
 longer (experiments/RESULTS.md, 'Step time against the official code'):
-`model.depthwise='shifted'` is the choice for long runs of few channels. All take the kernel in the layout of
+`model.depthwise='shifted'` is the choice for long runs of few channels.
+All take the kernel in the layout of
 `nn.Conv(feature_group_count=C)`, [k, k, 1, C], and `DepthwiseConv` names
 its parameter as `nn.Conv` does, so parameter trees, checkpoints and initial
 values do not depend on the choice; outputs and gradients agree to float32
@@ -68,27 +72,63 @@ def _grouped(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
       feature_group_count=x.shape[-1])
 
 
-def _correlate(x_pad: jax.Array, kernel: jax.Array, dilation: int,
-               h_out: int, w_out: int) -> jax.Array:
-  """Stride-1 depthwise correlation of an already padded input:
-  out[n, y, x, c] = Σ_{i,j} x_pad[n, y + d·i, x + d·j, c] · kernel[i, j, 0, c].
+def _correlate(x_pad: jax.Array, kernel: jax.Array, stride: int,
+               dilation: int, h_out: int, w_out: int) -> jax.Array:
+  """Depthwise correlation of an already padded input:
+  out[n, y, x, c] = Σ_{i,j} x_pad[n, s·y + d·i, s·x + d·j, c] · kernel[i, j, 0, c].
 
-  Each tap is one contiguous slice of the merged [N, H, W·C] input
-  (`windows.taps`), scaled by its kernel row tiled W times: XLA fuses the
-  k² taps into one vectorised loop over the output.
+  Each tap is one contiguous slice of the merged [N, H, W·C] input (or of
+  one of its s² phases, `windows.taps`), scaled by its kernel row tiled W
+  times: XLA fuses the k² taps into one vectorised loop over the output.
   """
   n, _, _, c = x_pad.shape
   out = None
-  for i, j, tap in windows.taps(windows.merge_minor(x_pad), kernel.shape[0],
-                                dilation, c, h_out, w_out):
+  for i, j, tap in windows.taps(x_pad, kernel.shape[0], dilation, stride,
+                                h_out, w_out):
     tap = tap * jnp.tile(kernel[i, j, 0], w_out)
     out = tap if out is None else out + tap
   return out.reshape(n, h_out, w_out, c)
 
 
-def _dense_size(size: int, k: int, dilation: int, padding: int) -> int:
-  """The stride-1 output size, of which a strided conv keeps every s-th."""
-  return output_size(size, k, 1, dilation, padding)
+def _correlate_transposed(g: jax.Array, kernel: jax.Array, stride: int,
+                          dilation: int, padding: int, h: int, w: int
+                          ) -> jax.Array:
+  """∂x of `_correlate` for the cotangent g [N, h_out, w_out, C]:
+  ∂x_pad[s·y + d·i, s·x + d·j] += g[y, x] · kernel[i, j], cropped to the
+  unpadded [N, h, w, C].
+
+  Computed per phase (a, b) of x_pad (rows a::s, columns b::s): the taps
+  with d·i ≡ a, d·j ≡ b (mod s) write phase (a, b) at an offset of
+  (⌊d·i/s⌋, ⌊d·j/s⌋), so each phase is a stride-1 correlation of the padded
+  cotangent with its part of the flipped kernel; the phases are then
+  interleaved. Stride 1 is one phase, the transposed conv itself.
+  """
+  n, h_out, w_out, c = g.shape
+  k = kernel.shape[0]
+  h_phase = -(-(h + 2 * padding) // stride)
+  w_phase = -(-(w + 2 * padding) // stride)
+  reach = dilation * (k - 1) // stride
+  zero = jnp.zeros((), g.dtype)
+  g_pad = windows.merge_minor(lax.pad(
+      g, zero, ((0, 0, 0), (reach, h_phase - h_out, 0),
+                (reach, w_phase - w_out, 0), (0, 0, 0))))
+  phases = {}
+  for i in range(k):
+    for j in range(k):
+      a, di = (dilation * i) % stride, (dilation * i) // stride
+      b, dj = (dilation * j) % stride, (dilation * j) // stride
+      tap = lax.slice(g_pad, (0, reach - di, (reach - dj) * c),
+                      (n, reach - di + h_phase, (reach - dj + w_phase) * c))
+      tap = tap * jnp.tile(kernel[i, j, 0], w_phase)
+      phases[a, b] = tap + phases[a, b] if (a, b) in phases else tap
+  empty = jnp.zeros((n, h_phase, w_phase * c), g.dtype)
+  # [N, h_phase, s (a), w_phase, s (b), C] → rows and columns interleaved.
+  grid = jnp.stack([
+      jnp.stack([phases.get((a, b), empty).reshape(n, h_phase, w_phase, c)
+                 for b in range(stride)], axis=3)
+      for a in range(stride)], axis=2)
+  grid = grid.reshape(n, h_phase * stride, w_phase * stride, c)
+  return grid[:, padding:padding + h, padding:padding + w]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -96,10 +136,9 @@ def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
              padding: int) -> jax.Array:
   _, h, w, _ = x.shape
   k = kernel.shape[0]
-  out = _correlate(windows.pad_spatial(x, padding), kernel, dilation,
-                   _dense_size(h, k, dilation, padding),
-                   _dense_size(w, k, dilation, padding))
-  return windows.subsample(out, stride)
+  return _correlate(windows.pad_spatial(x, padding), kernel, stride, dilation,
+                    output_size(h, k, stride, dilation, padding),
+                    output_size(w, k, stride, dilation, padding))
 
 
 def _shifted_forward(x, kernel, stride, dilation, padding):
@@ -109,25 +148,19 @@ def _shifted_forward(x, kernel, stride, dilation, padding):
 
 
 def _shifted_backward(stride, dilation, padding, residuals, g):
-  """∂x: the correlation of the zero-padded cotangent with the flipped
-  kernel (a transposed conv); ∂kernel[i, j] = Σ_{n,y,x} x_pad[n, y + d·i,
-  x + d·j] · g[n, y, x], one fused multiply-reduce per tap."""
+  """∂x: the transposed correlation (`_correlate_transposed`);
+  ∂kernel[i, j] = Σ_{n,y,x} x_pad[n, s·y + d·i, s·x + d·j] · g[n, y, x],
+  one fused multiply-reduce per tap."""
   x, kernel = residuals
   _, h, w, c = x.shape
-  k = kernel.shape[0]
-  h_dense = _dense_size(h, k, dilation, padding)
-  w_dense = _dense_size(w, k, dilation, padding)
-  reach = dilation * (k - 1) - padding
-  g_dense = windows.to_dense_grid(g, stride, h_dense, w_dense)
-  # A padding wider than the kernel's reach makes `reach` negative: a crop.
-  grad_x = _correlate(windows.pad_spatial(g_dense, reach), kernel[::-1, ::-1],
-                      dilation, h, w)
-  g_flat = windows.merge_minor(g_dense)
+  _, h_out, w_out, _ = g.shape
+  g_flat = windows.merge_minor(g)
   grad_kernel = [
-      jnp.sum(tap * g_flat, axis=(0, 1)).reshape(w_dense, c).sum(0)
-      for _, _, tap in windows.taps(
-          windows.merge_minor(windows.pad_spatial(x, padding)), k, dilation,
-          c, h_dense, w_dense)]
+      jnp.sum(tap * g_flat, axis=(0, 1)).reshape(w_out, c).sum(0)
+      for _, _, tap in windows.taps(windows.pad_spatial(x, padding),
+                                    kernel.shape[0], dilation, stride, h_out,
+                                    w_out)]
+  grad_x = _correlate_transposed(g, kernel, stride, dilation, padding, h, w)
   return grad_x, jnp.stack(grad_kernel).reshape(kernel.shape)
 
 

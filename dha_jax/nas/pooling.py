@@ -61,14 +61,21 @@ def _padding() -> tuple[tuple[int, int], tuple[int, int]]:
   return ((PADDING, PADDING),) * 2
 
 
-def _window_sum_back(g_dense: jax.Array, channels: int, h: int, w: int,
-                     keep=None) -> jax.Array:
+def _output_shape(x: jax.Array, stride: int) -> tuple[int, int, int]:
+  """(N, H', W') of the pool of x."""
+  n, h, w, _ = x.shape
+  return (n, windows.output_size(h, WINDOW, stride, 1, PADDING),
+          windows.output_size(w, WINDOW, stride, 1, PADDING))
+
+
+def _window_sum_back(g_dense: jax.Array, h: int, w: int, keep=None
+                     ) -> jax.Array:
   """Σ over the taps of the cotangent sent back to the input, [N, h, w·C]:
   dx[y, x] = Σ_{i,j} keep(t)·g[y + p − i, x + p − j] (t = k·i + j), the
   correlation of the padded cotangent with the flipped window."""
-  g_pad = windows.merge_minor(windows.pad_spatial(g_dense, _REACH))
+  g_pad = windows.pad_spatial(g_dense, _REACH)
   total = None
-  for a, b, tap in windows.taps(g_pad, WINDOW, 1, channels, h, w):
+  for a, b, tap in windows.taps(g_pad, WINDOW, 1, 1, h, w):
     t = (WINDOW - 1 - a) * WINDOW + (WINDOW - 1 - b)
     term = tap if keep is None else keep(a, b, t, tap)
     total = term if total is None else total + term
@@ -79,15 +86,16 @@ def _max_with_argmax(x: jax.Array, stride: int
                      ) -> tuple[jax.Array, jax.Array]:
   """The max pool and, per output, the index k·i + j of its first maximal
   tap (int8)."""
-  n, h, w, c = x.shape
-  x_pad = windows.merge_minor(windows.pad_spatial(x, PADDING, value=-jnp.inf))
-  taps = [tap for _, _, tap in windows.taps(x_pad, WINDOW, 1, c, h, w)]
+  n, h_out, w_out = _output_shape(x, stride)
+  c = x.shape[-1]
+  taps = [tap for _, _, tap in windows.taps(
+      windows.pad_spatial(x, PADDING, value=-jnp.inf), WINDOW, 1, stride,
+      h_out, w_out)]
   out = functools.reduce(jnp.maximum, taps)
   first = jnp.full(out.shape, len(taps) - 1, jnp.int8)
   for t in range(len(taps) - 2, -1, -1):   # the lowest index wins ties
     first = jnp.where(taps[t] == out, jnp.int8(t), first)
-  return (windows.subsample(out.reshape(n, h, w, c), stride),
-          windows.subsample(first.reshape(n, h, w, c), stride))
+  return (out.reshape(n, h_out, w_out, c), first.reshape(n, h_out, w_out, c))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -103,39 +111,39 @@ def _max_shifted_forward(x, stride):
 def _max_shifted_backward(stride, residuals, g):
   first, (n, h, w, c) = residuals
   # Between a strided output's points, g is 0: the index there is unread.
-  first_pad = windows.merge_minor(windows.pad_spatial(
-      windows.to_dense_grid(first, stride, h, w), _REACH, value=-1))
+  first_pad = windows.pad_spatial(windows.to_dense_grid(first, stride, h, w),
+                                  _REACH, value=-1)
   first_taps = {(a, b): tap for a, b, tap in windows.taps(
-      first_pad, WINDOW, 1, c, h, w)}
+      first_pad, WINDOW, 1, 1, h, w)}
 
   def keep(a, b, t, g_tap):
     return jnp.where(first_taps[a, b] == t, g_tap, jnp.zeros((), g.dtype))
 
-  grad = _window_sum_back(windows.to_dense_grid(g, stride, h, w), c, h, w,
-                          keep)
+  grad = _window_sum_back(windows.to_dense_grid(g, stride, h, w), h, w, keep)
   return (grad.reshape(n, h, w, c),)
 
 
 _max_shifted.defvjp(_max_shifted_forward, _max_shifted_backward)
 
 
-def _inverse_counts(h: int, w: int, channels: int, dtype) -> jax.Array:
-  """1 / (the number of the window's cells inside the image), per stride-1
-  output, tiled over C: [h, w·C] (a constant)."""
+def _inverse_counts(h: int, w: int, stride: int, channels: int, dtype
+                    ) -> jax.Array:
+  """1 / (the number of the window's cells inside the image), per output of
+  an h×w input, tiled over C: [h_out, w_out·C] (a constant)."""
   inside = np.pad(np.ones((h, w)), PADDING)
   counts = sum(inside[i:i + h, j:j + w] for i in range(WINDOW)
-               for j in range(WINDOW))
+               for j in range(WINDOW))[::stride, ::stride]
   return jnp.asarray(np.repeat(1.0 / counts, channels, axis=1), dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _avg_shifted(x: jax.Array, stride: int) -> jax.Array:
-  n, h, w, c = x.shape
-  x_pad = windows.merge_minor(windows.pad_spatial(x, PADDING))
-  total = functools.reduce(
-      jnp.add, [tap for _, _, tap in windows.taps(x_pad, WINDOW, 1, c, h, w)])
-  out = total * _inverse_counts(h, w, c, x.dtype)
-  return windows.subsample(out.reshape(n, h, w, c), stride)
+  _, h, w, c = x.shape
+  n, h_out, w_out = _output_shape(x, stride)
+  total = functools.reduce(jnp.add, [tap for _, _, tap in windows.taps(
+      windows.pad_spatial(x, PADDING), WINDOW, 1, stride, h_out, w_out)])
+  out = total * _inverse_counts(h, w, stride, c, x.dtype)
+  return out.reshape(n, h_out, w_out, c)
 
 
 def _avg_shifted_forward(x, stride):
@@ -144,10 +152,10 @@ def _avg_shifted_forward(x, stride):
 
 def _avg_shifted_backward(stride, shape, g):
   n, h, w, c = shape
-  g_dense = windows.to_dense_grid(g, stride, h, w)
-  scaled = (windows.merge_minor(g_dense)
-            * _inverse_counts(h, w, c, g.dtype)).reshape(g_dense.shape)
-  return (_window_sum_back(scaled, c, h, w).reshape(n, h, w, c),)
+  scaled = (windows.merge_minor(g)
+            * _inverse_counts(h, w, stride, c, g.dtype)).reshape(g.shape)
+  return (_window_sum_back(windows.to_dense_grid(scaled, stride, h, w), h,
+                           w).reshape(n, h, w, c),)
 
 
 _avg_shifted.defvjp(_avg_shifted_forward, _avg_shifted_backward)

@@ -30,17 +30,27 @@ def merge_minor(x: jax.Array) -> jax.Array:
   return x.reshape(n, h, w * c)
 
 
-def taps(x_flat: jax.Array, k: int, dilation: int, channels: int,
+def taps(x_pad: jax.Array, k: int, dilation: int, stride: int,
          h_out: int, w_out: int) -> Iterator[tuple[int, int, jax.Array]]:
-  """(i, j, x_pad[:, d·i + y, d·j + x] for y < h_out, x < w_out) for the k²
-  taps of a stride-1 window, with x_pad merged to [N, H, W·C]: each tap is
-  one contiguous slice of the minor axis, [N, h_out, w_out·C]."""
-  n = x_flat.shape[0]
+  """(i, j, x_pad[:, s·y + d·i, s·x + d·j] for y < h_out, x < w_out) for the
+  k² taps of a window over the padded [N, H, W, C] input, each merged to
+  [N, h_out, w_out·C] and one contiguous slice of the minor axis.
+
+  A strided window reads its taps from the s² phases of the input,
+  x_pad[:, a::s, b::s] (one copy each; stride 1: the input itself): tap
+  (i, j) is phase (d·i mod s, d·j mod s) shifted by (⌊d·i/s⌋, ⌊d·j/s⌋), so
+  only the outputs kept are computed.
+  """
+  n, _, _, c = x_pad.shape
+  phases = {}
   for i in range(k):
     for j in range(k):
-      yield i, j, lax.slice(
-          x_flat, (0, i * dilation, j * dilation * channels),
-          (n, i * dilation + h_out, (j * dilation + w_out) * channels))
+      a, di = (dilation * i) % stride, (dilation * i) // stride
+      b, dj = (dilation * j) % stride, (dilation * j) // stride
+      if (a, b) not in phases:
+        phases[a, b] = merge_minor(x_pad[:, a::stride, b::stride])
+      yield i, j, lax.slice(phases[a, b], (0, di, dj * c),
+                            (n, di + h_out, (dj + w_out) * c))
 
 
 def pad_spatial(x: jax.Array, low: int, high: int | None = None,
@@ -61,8 +71,3 @@ def to_dense_grid(g: jax.Array, stride: int, h_dense: int, w_dense: int,
   return lax.pad(g, jnp.asarray(value, g.dtype),
                  ((0, 0, 0), (0, h_high, stride - 1),
                   (0, w_high, stride - 1), (0, 0, 0)))
-
-
-def subsample(x: jax.Array, stride: int) -> jax.Array:
-  """Every `stride`-th row and column of a stride-1 output."""
-  return x[:, ::stride, ::stride] if stride > 1 else x
