@@ -18,7 +18,7 @@ from tests import tiny
 # one (whose tangents span the dense super-network); the online one runs in
 # the notebook test.
 OVERRIDES = {'dha': {'heldout_batch_size': 4, 'hpo.mode': 'exact'},
-             'nas_hpo': {'hpo.mode': 'exact'}}
+             'sequential_dha': {'hpo.mode': 'exact'}}
 # One evaluation per epoch, so that the learning curves have points.
 EVAL_EVERY_EPOCHS = 1
 

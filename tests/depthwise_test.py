@@ -10,6 +10,7 @@ from dha_jax import train
 from dha_jax.nas import depthwise
 from dha_jax.nas import network
 from dha_jax.nas import search_space as ss
+from tests.tiny import assert_same_network_function
 from tests.tiny import tiny_config
 
 # (kernel, stride, dilation, size): every (k, s, d) that DARTS' sep/dil convs
@@ -93,26 +94,14 @@ def test_network_is_the_same_function_whichever_implementation():
             for impl in ('grouped',) + OTHER_IMPLS}
   variables = models['grouped'].init({'params': jax.random.key(0)}, x, arch,
                                      train=False)
-  outputs = {}
   for impl, model in models.items():
     shapes = jax.eval_shape(lambda m=model: m.init(
         {'params': jax.random.key(0)}, x, arch, train=False))
     assert (jax.tree.structure(shapes)
             == jax.tree.structure(variables)), impl
-
-    def loss(params, model=model):
-      logits, _ = model.apply({**variables, 'params': params}, x, arch,
-                              train=False)
-      return jnp.sum(logits ** 2), logits
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables['params'])
-    outputs[impl] = (logits, grads)
-  ref_logits, ref_grads = outputs['grouped']
   for impl in OTHER_IMPLS:
-    logits, grads = outputs[impl]
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-3, atol=1e-4), grads, ref_grads)
+    assert_same_network_function(models[impl], models['grouped'], variables,
+                                 x, arch, rtol=1e-4, atol=1e-5)
 
 
 def test_an_unknown_implementation_is_a_config_error():

@@ -11,6 +11,7 @@ from dha_jax import train
 from dha_jax.nas import network
 from dha_jax.nas import pooling
 from dha_jax.nas import search_space as ss
+from tests.tiny import assert_same_network_function
 from tests.tiny import tiny_config
 
 POOLS = {'max': pooling.max_pool_3x3, 'avg': pooling.avg_pool_3x3}
@@ -84,19 +85,8 @@ def test_network_with_shifted_pools_is_the_same_function():
             for impl in ('reduce_window', 'shifted')}
   variables = models['shifted'].init({'params': jax.random.key(0)}, x, arch,
                                      train=False)
-  outputs = {}
-  for impl, model in models.items():
-    def loss(params, model=model):
-      logits, _ = model.apply({**variables, 'params': params}, x, arch,
-                              train=False)
-      return jnp.sum(logits ** 2), logits
-    outputs[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables['params'])
-  (_, logits), grads = outputs['shifted']
-  (_, ref_logits), ref_grads = outputs['reduce_window']
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+  assert_same_network_function(models['shifted'], models['reduce_window'],
+                               variables, x, arch, rtol=1e-5, atol=1e-6)
 
 
 def test_an_unknown_implementation_is_a_config_error():

@@ -1,8 +1,13 @@
-"""The tiny run configuration shared by the end-to-end tests, and a reader
-of the run's TensorBoard events."""
+"""The tiny run configuration shared by the end-to-end tests, a reader of
+the run's TensorBoard events, and the check that two implementations of a
+network compute one function."""
 
 import os
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 import ml_collections
 from tensorboard.backend.event_processing import event_accumulator
@@ -53,6 +58,27 @@ def tiny_config(mode: str, overrides: dict[str, Any] | None = None
 def cli_flags(overrides: dict[str, Any] | None = None) -> list[str]:
   """The same settings as `--config.key=value` flags."""
   return [f'--config.{k}={v}' for k, v in {**TINY, **(overrides or {})}.items()]
+
+
+def assert_same_network_function(model: Any, reference: Any, variables: dict,
+                                 x: Any, arch: Any, rtol: float, atol: float
+                                 ) -> None:
+  """`model` and `reference` (two implementations of one network) give the
+  same evaluation-mode logits and the same gradient of Σ logits² in the
+  parameters; the gradients to 10x the tolerances."""
+  def logits_and_grads(net):
+    def loss(params):
+      logits, _ = net.apply({**variables, 'params': params}, x, arch,
+                            train=False)
+      return jnp.sum(logits ** 2), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables['params'])
+    return logits, grads
+  logits, grads = logits_and_grads(model)
+  ref_logits, ref_grads = logits_and_grads(reference)
+  np.testing.assert_allclose(logits, ref_logits, rtol=rtol, atol=atol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=10 * rtol, atol=10 * atol), grads, ref_grads)
 
 
 def read_tensorboard(workdir: str
