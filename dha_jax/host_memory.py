@@ -17,7 +17,11 @@ step's memory is reused by every later one: one arena for all threads, no
 heap's free top. The process then keeps its peak host memory until it
 exits, which is what a training process does anyway. It must run before
 JAX starts its CPU backend (whose threads pick their arena on their first
-allocation); `dha_jax.main` and the benchmarks call it first thing.
+allocation); the benchmarks call it first thing, `dha_jax.main` with
+`--retain_host_memory`. The cost: with one arena, XLA's compiler threads
+contend for malloc's lock, and compilation on several threads is 3-4x
+slower (the README's default job: its first step compiled in 197-211 s
+instead of 55 s), so `dha_jax.main` leaves it off by default.
 """
 
 from __future__ import annotations
