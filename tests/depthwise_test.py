@@ -46,6 +46,23 @@ def test_value_and_gradient_equal_the_grouped_conv(impl, k, stride, dilation,
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('chunk_images,batch', [(1, 3), (4, 6), (2, 5)])
+def test_kernel_gradient_summed_over_chunks_of_images(monkeypatch,
+                                                       chunk_images, batch):
+  """'shifted''s ∂kernel sums over chunks of the batch: with chunks of at
+  most `chunk_images` images (the largest divisor of the batch not above
+  it: 1, 3 and 1 images here) it equals the grouped conv's."""
+  k, stride, dilation, size, channels = 5, 2, 1, 7, 3
+  monkeypatch.setattr(depthwise, 'KERNEL_GRAD_CHUNK_BYTES',
+                      chunk_images * 4 * 4 * channels * 4)
+  rng = np.random.default_rng(batch)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 1, channels)), jnp.float32)
+  (_, _), g_ref = _loss('grouped', stride, dilation, 2)(x, kernel)
+  (_, _), g = _loss('shifted', stride, dilation, 2)(x, kernel)
+  np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-5, atol=1e-4)
+
+
 def test_each_channel_is_filtered_by_its_own_kernel_only():
   x = jnp.zeros((1, 5, 5, 2)).at[0, 2, 2, 0].set(1.0)   # impulse, channel 0
   kernel = jnp.arange(18, dtype=jnp.float32).reshape(3, 3, 1, 2)
