@@ -136,15 +136,16 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
                components: Sequence[Component], fixed_arch: Architecture | None,
                pre: Preprocess, aux_weight: float,
                default_hparams: Callable[[jax.Array], dict],
-               drop_path_rate: Callable[[jax.Array], jax.Array],
+               drop_path_rate: Callable[[jax.Array], jax.Array] | None,
                learned_lr_scale: Callable[[jax.Array], jax.Array] | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One DHA step (module docstring); pure, jit it with `make_train_step`.
 
-  `default_hparams(step)` is η when no component supplies it. When one does,
-  θ's learning rate is its η times `learned_lr_scale(step)` (None: 1), in
-  θ's update and in the update that its hypergradient differentiates, so
-  that a learned η can share the schedule's annealing.
+  `drop_path_rate(step)` is the networks' drop-path probability (None: no
+  drop path). `default_hparams(step)` is η when no component supplies it.
+  When one does, θ's learning rate is its η times `learned_lr_scale(step)`
+  (None: 1), in θ's update and in the update that its hypergradient
+  differentiates, so that a learned η can share the schedule's annealing.
   """
   images, labels = batch
   chex.assert_rank(images, 4)
@@ -162,7 +163,7 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
   loss_owner = _owner(components, 'loss')
   trainables = {c.name: c.trainable(state.components[c.name])
                 for c in components if c.trainable is not None}
-  rate = drop_path_rate(state.step)
+  rate = None if drop_path_rate is None else drop_path_rate(state.step)
 
   def forward(params, trainables, batch_stats, x, y, rngs, with_aux):
     arch = (fixed_arch if arch_owner is None else arch_owner.architecture(

@@ -790,7 +790,8 @@ def make_step(run: Run, phase: Phase) -> Callable:
   return step_lib.make_train_step(
       run.mesh, model=run.model, tx=run.tx, components=phase.components,
       fixed_arch=phase.arch, pre=run.pre, aux_weight=config.model.aux_weight,
-      default_hparams=default_hparams, drop_path_rate=drop_path_rate,
+      default_hparams=default_hparams,
+      drop_path_rate=drop_path_rate if drop_prob > 0 else None,
       learned_lr_scale=(schedule_fraction
                         if config.optimizer.anneal_learned_lr else None))
 

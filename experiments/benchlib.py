@@ -47,7 +47,7 @@ def time_train_step(config: ml_collections.ConfigDict, model: Any,
       fixed_arch=fixed_arch, pre=pre, aux_weight=config.model.aux_weight,
       default_hparams=lambda s: {'learning_rate': jnp.float32(BENCH_LR),
                                  'weight_decay': jnp.float32(BENCH_WD)},
-      drop_path_rate=lambda s: jnp.float32(0.0))
+      drop_path_rate=None)
   variables = jax.device_get(variables)  # the step donates its own copy
   state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],

@@ -70,6 +70,22 @@ def test_output_shapes_and_aux_only_in_training(tiny):
   assert logits.shape == (4, 5) and aux is None
 
 
+def test_no_drop_path_rate_builds_no_drop_path(tiny):
+  """`drop_path_rate=None` gives the same training-mode function as a rate
+  of 0 without any drop-path op: no 'dropout' rng is drawn, and a rate
+  drops whole examples of some op outputs."""
+  model, _, variables, x = tiny
+  arch = ss.genotype_architecture(ss.DARTS_V2)
+  apply = lambda rate, **kw: model.apply(
+      variables, x, arch, train=True, drop_path_rate=rate,
+      mutable=['batch_stats'], **kw)[0][0]
+  rngs = {'dropout': jax.random.key(0)}
+  np.testing.assert_array_equal(apply(None), apply(0.0, rngs=rngs))
+  with pytest.raises(Exception, match='dropout'):
+    apply(0.0)
+  assert not np.allclose(apply(None), apply(0.5, rngs=rngs), atol=1e-3)
+
+
 def test_sparse_child_equals_dense_with_zero_alpha(tiny):
   """Only supported ops run, and that equals the dense all-ops sum with α=0
   off the support."""

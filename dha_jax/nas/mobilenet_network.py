@@ -92,7 +92,7 @@ class SearchableLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, alphas: jax.Array, *, train: bool,
-               drop_path_rate: jax.Array) -> jax.Array:
+               drop_path_rate: jax.Array | None) -> jax.Array:
     chex.assert_rank(x, 4)
     chex.assert_shape(alphas, (len(self.support),))
     branch = None
@@ -113,7 +113,7 @@ class SearchableLayer(nn.Module):
       return x
     if not self.spec.residual:
       return branch
-    if train:
+    if train and drop_path_rate is not None:
       branch = network.drop_path(branch, drop_path_rate,
                                  self.make_rng('dropout'))
     return x + branch
@@ -131,7 +131,8 @@ class MobileNetwork(nn.Module):
 
   Call: `apply(variables, x, arch, train=..., drop_path_rate=...)` with
   x float [N, H, W, 3] → (logits [N, classes], None: there is no auxiliary
-  head). Dropout rng ('dropout') is needed in training.
+  head). With a `drop_path_rate` (None: no drop path) the dropout rng
+  ('dropout') is needed in training.
   """
   num_classes: int
   plan: NetworkPlan
@@ -139,7 +140,7 @@ class MobileNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, arch: Architecture, *, train: bool,
-               drop_path_rate: float | jax.Array = 0.0
+               drop_path_rate: float | jax.Array | None = None
                ) -> tuple[jax.Array, None]:
     chex.assert_rank(x, 4)
     support = arch.support_dict.get(mobilenet_space.GROUP)
@@ -149,7 +150,7 @@ class MobileNetwork(nn.Module):
           f'{None if support is None else len(support)} layers; the '
           f'MobileNet network has {len(self.plan.layers)} searchable layers '
           "in group 'layers' (check model.space and model.stage_layers)")
-    rate = jnp.asarray(drop_path_rate, jnp.float32)
+    rate = network.as_drop_path_rate(drop_path_rate)
     plan = self.plan
     x = nn.relu6(_conv_bn(x, plan.stem_width, STEM_KERNEL, plan.stem_stride,
                           train, 'stem'))

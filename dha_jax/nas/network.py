@@ -149,6 +149,17 @@ class CandidateOp(nn.Module):
     raise ValueError(f'unknown op {op!r}')
 
 
+def as_drop_path_rate(rate: float | jax.Array | None) -> jax.Array | None:
+  """A network's `drop_path_rate` argument as a float32 scalar, or None.
+
+  None builds no drop-path ops at all: the search phases and
+  `model.drop_path_prob = 0` need none, and a traced rate of 0, though it
+  changes no value, still costs each op's output a random mask, a select
+  and a division, forward and backward.
+  """
+  return None if rate is None else jnp.asarray(rate, jnp.float32)
+
+
 def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
   """Drops whole examples' op outputs with probability `rate`, rescaled."""
   keep = 1.0 - rate
@@ -172,7 +183,7 @@ class Cell(nn.Module):
   @nn.compact
   def __call__(self, s0: jax.Array, s1: jax.Array,
                alphas: Sequence[jax.Array], *, train: bool,
-               drop_path_rate: jax.Array) -> jax.Array:
+               drop_path_rate: jax.Array | None) -> jax.Array:
     c = self.features
     s0 = (FactorizedReduce(c, name='pre0')(s0, train) if self.reduction_prev
           else ReLUConvBN(c, 1, name='pre0')(s0, train))
@@ -186,7 +197,7 @@ class Cell(nn.Module):
                         name=f'n{i}_e{edge}_{op}')(
             states[edge], train)
         is_identity = op == 'skip_connect' and stride == 1
-        if train and not is_identity:
+        if train and not is_identity and drop_path_rate is not None:
           h = drop_path(h, drop_path_rate, self.make_rng('dropout'))
         node = node + alphas[i][k] * h
       states.append(node)
@@ -232,8 +243,9 @@ class DARTSNetwork(nn.Module):
       'auto' by backend).
 
   Call: `apply(variables, x, arch, train=..., drop_path_rate=...)` with
-  x float [N, H, W, 3] → (logits [N, classes], aux logits or None). Dropout
-  rng ('dropout') is needed in training.
+  x float [N, H, W, 3] → (logits [N, classes], aux logits or None). With a
+  `drop_path_rate` (None: no drop path) the dropout rng ('dropout') is
+  needed in training.
   """
   num_classes: int
   channels: int
@@ -245,10 +257,10 @@ class DARTSNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, arch: Architecture, *, train: bool,
-               drop_path_rate: float | jax.Array = 0.0
+               drop_path_rate: float | jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
     c = self.channels
-    rate = jnp.asarray(drop_path_rate, jnp.float32)
+    rate = as_drop_path_rate(drop_path_rate)
     if self.stem == 'cifar':
       s = pointwise.Conv(STEM_MULTIPLIER * c, (3, 3), padding=1, use_bias=False,
                   name='stem_conv')(x)
