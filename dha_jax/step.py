@@ -30,6 +30,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from dha_jax import flat_tree
 from dha_jax import parallel
 from dha_jax.augment import base as augment_base
 from dha_jax.hpo import inner as hpo_inner
@@ -218,7 +219,7 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
              'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
              'learning_rate': hparams['learning_rate'] * lr_scale,
              'weight_decay': hparams['weight_decay'],
-             'grad_norm': optax.tree.norm(param_grads)}
+             'grad_norm': flat_tree.norm(param_grads)}
   new_components = dict(state.components)
   for c in components:
     if c.update is None:

@@ -89,6 +89,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dha_jax import flat_tree
 from dha_jax.hpo.inner import HPARAM_DTYPE, HPARAM_NAMES, inner_step
 
 PyTree = Any
@@ -351,7 +352,7 @@ def online_hypergradient(state: HPOState, grads: PyTree) -> HParams:
     raise ValueError("online_hypergradient needs the tangents of an online "
                      "HPO state: init_hpo with hpo.mode='online'")
   chex.assert_trees_all_equal_shapes(grads, state.tangents['learning_rate'])
-  return {name: optax.tree.vdot(grads, state.tangents[name]).astype(
+  return {name: flat_tree.vdot(grads, state.tangents[name]).astype(
       state.raw[name].dtype) for name in HPARAM_NAMES}
 
 

@@ -23,6 +23,8 @@ import jax
 import ml_collections
 import optax
 
+from dha_jax import flat_tree
+
 PyTree = Any
 HParams = dict[str, jax.Array]
 
@@ -62,7 +64,7 @@ def make_inner_optimizer(*, momentum: float, nesterov: bool,
   def factory(learning_rate, weight_decay):
     parts = []
     if grad_clip is not None and grad_clip > 0:
-      parts.append(optax.clip_by_global_norm(grad_clip))
+      parts.append(flat_tree.clip_by_global_norm(grad_clip))
     parts.append(optax.add_decayed_weights(weight_decay))
     if momentum > 0:
       parts.append(optax.trace(decay=momentum, nesterov=nesterov))
