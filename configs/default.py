@@ -112,9 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.drop_path_prob = 0.0
   # Implementation of the depthwise convs of sep/dil convs: 'grouped'
   # (feature_group_count, fastest on GPU/TPU), 'shifted' (k² shifted
-  # multiply-adds: the fastest CPU step, longer to compile) or
-  # 'block_diagonal' (a dense conv); 'auto' picks by backend and width
-  # (dha_jax/nas/depthwise.py). The same function and parameters whichever
+  # multiply-adds, fastest on CPU) or 'block_diagonal' (a dense conv);
+  # 'auto' picks by backend (dha_jax/nas/depthwise.py). The same function and parameters whichever
   # is chosen.
   config.model.depthwise = 'auto'
   # Implementation of the DARTS space's 3×3 max and average pools:

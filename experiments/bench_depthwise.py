@@ -57,7 +57,7 @@ def main() -> None:
     x = jnp.asarray(rng.normal(size=(args.batch, size, size, c)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
     row = {'channels': c, 'size': size, 'kernel': k, 'dilation': d,
-           'stride': s, 'auto': depthwise.resolve('auto', c)}
+           'stride': s, 'auto': depthwise.resolve('auto')}
     for impl in IMPLS:
       row[f'{impl}_ms'] = 1e3 * time_impl(impl, x, kernel, s, d, args.repeats)
     best = min(IMPLS, key=lambda i: row[f'{i}_ms'])

@@ -89,15 +89,14 @@ def test_module_has_nn_conv_parameters_and_output():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_resolve_by_backend_and_width():
-  limit = depthwise.BLOCK_DIAGONAL_MAX_CHANNELS
-  assert depthwise.resolve('auto', limit, 'cpu') == 'block_diagonal'
-  assert depthwise.resolve('auto', limit + 1, 'cpu') == 'shifted'
-  assert depthwise.resolve('auto', 8, 'gpu') == 'grouped'
-  assert depthwise.resolve('auto', 8, 'tpu') == 'grouped'
-  assert depthwise.resolve('shifted', 8, 'gpu') == 'shifted'
+def test_resolve_by_backend():
+  assert depthwise.resolve('auto', 'cpu') == 'shifted'
+  assert depthwise.resolve('auto', 'gpu') == 'grouped'
+  assert depthwise.resolve('auto', 'tpu') == 'grouped'
+  assert depthwise.resolve('block_diagonal', 'cpu') == 'block_diagonal'
+  assert depthwise.resolve('shifted', 'gpu') == 'shifted'
   with pytest.raises(ValueError, match='model.depthwise'):
-    depthwise.resolve('fft', 8)
+    depthwise.resolve('fft')
   with pytest.raises(ValueError, match=r'\[k, k, 1, 3\]'):
     depthwise.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 3)))
 

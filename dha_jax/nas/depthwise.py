@@ -25,12 +25,10 @@ implementations compute the same function:
                     C×C matrix per tap: C times the FLOPs, on the CPU's
                     dense conv kernels.
 
-'auto' picks 'grouped' on GPU/TPU and, on CPU, 'block_diagonal' up to
-`BLOCK_DIAGONAL_MAX_CHANNELS` channels and 'shifted' above. In the C = 8
-network of the speed comparison 'shifted''s forward is about 10x and its
-step 7-14 % faster than 'block_diagonal''s, but its k² taps compile 40-50 %
-longer (experiments/RESULTS.md, 'Step time against the official code'):
-`model.depthwise='shifted'` is the choice for long runs of few channels.
+'auto' picks 'grouped' on GPU/TPU and 'shifted' on CPU: in the C = 8
+networks of the offline default and of the speed comparison its step is
+1.6x as fast as 'block_diagonal''s and compiles about as long
+(experiments/RESULTS.md, 'Step time against the official code').
 All take the kernel in the layout of
 `nn.Conv(feature_group_count=C)`, [k, k, 1, C], and `DepthwiseConv` names
 its parameter as `nn.Conv` does, so parameter trees, checkpoints and initial
@@ -51,11 +49,6 @@ from jax import lax
 from dha_jax.nas import windows
 
 IMPLEMENTATIONS = ('auto', 'grouped', 'shifted', 'block_diagonal')
-# On CPU, 'shifted' runs the step of a C = 8 network 7-14 % faster than
-# 'block_diagonal' but compiles 40-50 % longer (RESULTS.md), which short
-# runs that recompile as the support changes pay several times; up to this
-# width 'auto' keeps 'block_diagonal', above it 'shifted' wins both ways.
-BLOCK_DIAGONAL_MAX_CHANNELS = 32
 # Cotangent bytes per chunk of the 'shifted' kernel gradient: its k² tap
 # copies and reductions then run in a core's L2 cache (512 KiB on the
 # machine of experiments/RESULTS.md; 64-256 KiB all gave 1.6-1.7x).
@@ -217,16 +210,13 @@ def check_implementation(impl: str) -> None:
                      f'{IMPLEMENTATIONS} (config field model.depthwise)')
 
 
-def resolve(impl: str, channels: int, backend: str | None = None) -> str:
-  """The implementation that `impl` ('auto' or a name) stands for, for a
-  depthwise conv of `channels` channels on `backend` (default: JAX's)."""
+def resolve(impl: str, backend: str | None = None) -> str:
+  """The implementation that `impl` ('auto' or a name) stands for on
+  `backend` (default: JAX's)."""
   check_implementation(impl)
   if impl != 'auto':
     return impl
-  if (backend or jax.default_backend()) != 'cpu':
-    return 'grouped'
-  return ('block_diagonal' if channels <= BLOCK_DIAGONAL_MAX_CHANNELS
-          else 'shifted')
+  return 'shifted' if (backend or jax.default_backend()) == 'cpu' else 'grouped'
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
@@ -240,7 +230,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
     kernel: [k, k, 1, C] (square k).
     stride, dilation, padding: the same for both spatial axes; `padding`
       zeros on each side.
-    impl: one of `IMPLEMENTATIONS` ('auto': by backend and C).
+    impl: one of `IMPLEMENTATIONS` ('auto': by backend).
 
   Returns:
     [N, H', W', C] with H' = `output_size(H, k, stride, dilation, padding)`.
@@ -249,7 +239,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
   if k != k2 or one != 1 or c != x.shape[-1]:
     raise ValueError(f'a depthwise kernel of {x.shape[-1]} channels is '
                      f'[k, k, 1, {x.shape[-1]}], got {kernel.shape}')
-  return _IMPLS[resolve(impl, c)](x, kernel, stride, dilation, padding)
+  return _IMPLS[resolve(impl)](x, kernel, stride, dilation, padding)
 
 
 class DepthwiseConv(nn.Module):
