@@ -154,7 +154,7 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int,
   each tap's slice before its reduction, and over the whole batch the k²
   copies and reductions each stream the activations from memory; over
   `KERNEL_GRAD_CHUNK_BYTES` of cotangent they stay in the core's cache
-  (forward + backward of the network's depthwise convs 1.7x faster,
+  (the kernel gradients at the speed comparison's shapes 1.7x faster,
   experiments/RESULTS.md).
   """
   n, _, _, c = x.shape
@@ -167,7 +167,8 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int,
     g_flat = windows.merge_minor(g_chunk)
     taps = windows.taps(windows.pad_spatial(x_chunk, padding), k, dilation,
                         stride, h_out, w_out)
-    grad = jnp.stack([jnp.sum(tap * g_flat, axis=(0, 1)) for _, _, tap in taps])
+    grad = jnp.stack([jnp.sum(tap * g_flat, axis=(0, 1))
+                      for _, _, tap in taps])
     return total + grad.reshape(k * k, w_out, c).sum(1), None
 
   chunks = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
