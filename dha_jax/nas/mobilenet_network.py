@@ -127,7 +127,7 @@ class MobileNetwork(nn.Module):
     num_classes: classifier outputs.
     plan: widths and strides (`mobilenet_space.network_plan`).
     depthwise: the depthwise convs' implementation
-      (`depthwise.IMPLEMENTATIONS`; 'auto' by backend and width).
+      (`depthwise.IMPLEMENTATIONS`; 'auto' by backend).
 
   Call: `apply(variables, x, arch, train=..., drop_path_rate=...)` with
   x float [N, H, W, 3] → (logits [N, classes], None: there is no auxiliary

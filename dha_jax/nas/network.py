@@ -238,7 +238,7 @@ class DARTSNetwork(nn.Module):
     auxiliary: adds the auxiliary head after cell 2·layers//3 (training only).
     stem: 'cifar' (3×3 conv to 3C) or 'imagenet' (three stride-2 convs).
     depthwise: the depthwise convs' implementation
-      (`depthwise.IMPLEMENTATIONS`; 'auto' by backend and width).
+      (`depthwise.IMPLEMENTATIONS`; 'auto' by backend).
     pooling: the 3×3 pools' implementation (`pooling.IMPLEMENTATIONS`;
       'auto' by backend).
 
