@@ -54,7 +54,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     trigger = g_norm < max_norm
 
     def clip(t):
-      return jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+      scaled = (t / g_norm.astype(t.dtype)) * max_norm
+      return jax.lax.select(trigger, t, scaled)
 
     return jax.tree.map(clip, updates), state
 

@@ -351,7 +351,6 @@ def online_hypergradient(state: HPOState, grads: PyTree) -> HParams:
   if state.tangents is None:
     raise ValueError("online_hypergradient needs the tangents of an online "
                      "HPO state: init_hpo with hpo.mode='online'")
-  chex.assert_trees_all_equal_shapes(grads, state.tangents['learning_rate'])
   return {name: flat_tree.vdot(grads, state.tangents[name]).astype(
       state.raw[name].dtype) for name in HPARAM_NAMES}
 
