@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dha_jax import train
+from dha_jax.nas import batch_chunks
 from dha_jax.nas import depthwise
 from dha_jax.nas import network
 from dha_jax.nas import search_space as ss
@@ -53,7 +54,7 @@ def test_kernel_gradient_summed_over_chunks_of_images(monkeypatch,
   most `chunk_images` images (the largest divisor of the batch not above
   it: 1, 3 and 1 images here) it equals the grouped conv's."""
   k, stride, dilation, size, channels = 5, 2, 1, 7, 3
-  monkeypatch.setattr(depthwise, 'KERNEL_GRAD_CHUNK_BYTES',
+  monkeypatch.setattr(batch_chunks, 'CHUNK_BYTES',
                       chunk_images * 4 * 4 * channels * 4)
   rng = np.random.default_rng(batch)
   x = jnp.asarray(rng.normal(size=(batch, size, size, channels)), jnp.float32)

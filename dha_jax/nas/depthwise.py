@@ -46,13 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dha_jax.nas import batch_chunks
 from dha_jax.nas import windows
 
 IMPLEMENTATIONS = ('auto', 'grouped', 'shifted', 'block_diagonal')
-# Cotangent bytes per chunk of the 'shifted' kernel gradient: its k² tap
-# copies and reductions then run in a core's L2 cache (512 KiB on the
-# machine of experiments/RESULTS.md; 64-256 KiB all gave 1.6-1.7x).
-KERNEL_GRAD_CHUNK_BYTES = 128 << 10
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -150,31 +147,24 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int,
   """∂kernel[i, j] = Σ_{n,y,x} x_pad[n, s·y + d·i, s·x + d·j] · g[n, y, x]
   for x [N, H, W, C] and the cotangent g [N, h_out, w_out, C]: [k, k, 1, C].
 
-  One multiply-reduce per tap, over a few images at a time: XLA:CPU copies
-  each tap's slice before its reduction, and over the whole batch the k²
-  copies and reductions each stream the activations from memory; over
-  `KERNEL_GRAD_CHUNK_BYTES` of cotangent they stay in the core's cache
-  (the kernel gradients at the speed comparison's shapes 1.7x faster,
-  experiments/RESULTS.md).
+  One multiply-reduce per tap, over a few images at a time
+  (`batch_chunks`): XLA:CPU copies each tap's slice before its reduction,
+  and over the whole batch the k² copies and reductions each stream the
+  activations from memory (the kernel gradients at the speed comparison's
+  shapes are 1.7x faster in chunks, experiments/RESULTS.md).
   """
-  n, _, _, c = x.shape
+  c = x.shape[-1]
   _, h_out, w_out, _ = g.shape
-  images = max(1, KERNEL_GRAD_CHUNK_BYTES // (g[0].size * g.dtype.itemsize))
-  chunk = max(d for d in range(1, min(n, images) + 1) if n % d == 0)
 
-  def add_chunk(total, x_and_g):
-    x_chunk, g_chunk = x_and_g
+  def chunk_grad(x_chunk, g_chunk):
     g_flat = windows.merge_minor(g_chunk)
     taps = windows.taps(windows.pad_spatial(x_chunk, padding), k, dilation,
                         stride, h_out, w_out)
     grad = jnp.stack([jnp.sum(tap * g_flat, axis=(0, 1))
                       for _, _, tap in taps])
-    return total + grad.reshape(k * k, w_out, c).sum(1), None
+    return grad.reshape(k * k, w_out, c).sum(1)
 
-  chunks = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
-  total, _ = lax.scan(add_chunk, jnp.zeros((k * k, c), g.dtype),
-                      (chunks(x), chunks(g)))
-  return total.reshape(k, k, 1, c)
+  return batch_chunks.sum_over_chunks(chunk_grad, x, g).reshape(k, k, 1, c)
 
 
 def _shifted_backward(stride, dilation, padding, residuals, g):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dha_jax.nas import depthwise as depthwise_lib
-from dha_jax.nas import pointwise
+from dha_jax.nas import dense_conv
 from dha_jax.nas import mobilenet_space
 from dha_jax.nas import network
 from dha_jax.nas.mobilenet_space import LayerSpec, NetworkPlan
@@ -46,8 +46,8 @@ STEM_KERNEL = 3
 def _conv_bn(x: jax.Array, features: int, kernel: int, stride: int,
              train: bool, name: str) -> jax.Array:
   """conv (no bias, 'same' padding) → BN, named `{name}_conv`, `{name}_bn`."""
-  x = pointwise.Conv(features, (kernel, kernel), strides=stride,
-              padding=kernel // 2, use_bias=False, name=f'{name}_conv')(x)
+  x = dense_conv.Conv(features, (kernel, kernel), strides=stride,
+               padding=kernel // 2, use_bias=False, name=f'{name}_conv')(x)
   return network.batch_norm(train, f'{name}_bn', BN_EPSILON)(x)
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dha_jax.nas import depthwise as depthwise_lib
-from dha_jax.nas import pointwise
+from dha_jax.nas import dense_conv
 from dha_jax.nas import pooling as pooling_lib
 from dha_jax.nas import search_space
 from dha_jax.nas.search_space import Architecture
@@ -60,8 +60,8 @@ class ReLUConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.relu(x)
-    x = pointwise.Conv(self.features, (self.kernel, self.kernel),
-                strides=self.stride, padding=self.kernel // 2,
+    x = dense_conv.Conv(self.features, (self.kernel, self.kernel),
+                 strides=self.stride, padding=self.kernel // 2,
                 use_bias=False)(x)
     return batch_norm(train)(x)
 
@@ -86,7 +86,7 @@ class DilConv(nn.Module):
     x = depthwise_lib.DepthwiseConv(
         self.kernel, self.stride, self.dilation, pad, self.depthwise,
         name='Conv_0')(x)
-    x = pointwise.Conv(self.features, (1, 1), use_bias=False, name='Conv_1')(x)
+    x = dense_conv.Conv(self.features, (1, 1), use_bias=False, name='Conv_1')(x)
     return batch_norm(train)(x)
 
 
@@ -116,9 +116,9 @@ class FactorizedReduce(nn.Module):
     # sizes aligned with the first path.
     shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
     half = self.features // 2
-    a = pointwise.Conv(half, (1, 1), strides=2, use_bias=False)(x)
-    b = pointwise.Conv(self.features - half, (1, 1), strides=2, use_bias=False)(
-        shifted)
+    a = dense_conv.Conv(half, (1, 1), strides=2, use_bias=False)(x)
+    b = dense_conv.Conv(self.features - half, (1, 1), strides=2,
+                        use_bias=False)(shifted)
     return batch_norm(train)(jnp.concatenate([a, b], axis=-1))
 
 
@@ -214,11 +214,11 @@ class AuxiliaryHead(nn.Module):
     x = nn.relu(x)
     window = min(AUX_POOL, x.shape[1])
     x = nn.avg_pool(x, (window, window), strides=(self.pool_stride,) * 2)
-    x = pointwise.Conv(AUX_CHANNELS[0], (1, 1), use_bias=False)(x)
+    x = dense_conv.Conv(AUX_CHANNELS[0], (1, 1), use_bias=False)(x)
     x = nn.relu(batch_norm(train)(x))
     kernel = min(2, x.shape[1])
-    x = pointwise.Conv(AUX_CHANNELS[1], (kernel, kernel), padding='VALID',
-                use_bias=False)(x)
+    x = dense_conv.Conv(AUX_CHANNELS[1], (kernel, kernel), padding='VALID',
+                 use_bias=False)(x)
     x = nn.relu(batch_norm(train)(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
@@ -262,19 +262,19 @@ class DARTSNetwork(nn.Module):
     c = self.channels
     rate = as_drop_path_rate(drop_path_rate)
     if self.stem == 'cifar':
-      s = pointwise.Conv(STEM_MULTIPLIER * c, (3, 3), padding=1, use_bias=False,
-                  name='stem_conv')(x)
+      s = dense_conv.Conv(STEM_MULTIPLIER * c, (3, 3), padding=1,
+                          use_bias=False, name='stem_conv')(x)
       s0 = s1 = batch_norm(train, 'stem_bn')(s)
       c_curr, reduction_prev = c, False
     elif self.stem == 'imagenet':
-      s0 = pointwise.Conv(c // 2, (3, 3), strides=2, padding=1, use_bias=False,
-                   name='stem0_conv0')(x)
+      s0 = dense_conv.Conv(c // 2, (3, 3), strides=2, padding=1, use_bias=False,
+                    name='stem0_conv0')(x)
       s0 = nn.relu(batch_norm(train, 'stem0_bn0')(s0))
-      s0 = pointwise.Conv(c, (3, 3), strides=2, padding=1, use_bias=False,
-                   name='stem0_conv1')(s0)
+      s0 = dense_conv.Conv(c, (3, 3), strides=2, padding=1, use_bias=False,
+                    name='stem0_conv1')(s0)
       s0 = batch_norm(train, 'stem0_bn1')(s0)
-      s1 = pointwise.Conv(c, (3, 3), strides=2, padding=1, use_bias=False,
-                   name='stem1_conv')(nn.relu(s0))
+      s1 = dense_conv.Conv(c, (3, 3), strides=2, padding=1, use_bias=False,
+                    name='stem1_conv')(nn.relu(s0))
       s1 = batch_norm(train, 'stem1_bn')(s1)
       c_curr, reduction_prev = c, True
     else:
