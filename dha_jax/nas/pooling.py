@@ -71,13 +71,14 @@ def _output_shape(x: jax.Array, stride: int) -> tuple[int, int, int]:
 def _window_sum_back(g_dense: jax.Array, h: int, w: int, keep=None
                      ) -> jax.Array:
   """Σ over the taps of the cotangent sent back to the input, [N, h, w·C]:
-  dx[y, x] = Σ_{i,j} keep(t)·g[y + p − i, x + p − j] (t = k·i + j), the
-  correlation of the padded cotangent with the flipped window."""
+  dx[y, x] = Σ_{i,j} keep_{i,j}(g[y + p − i, x + p − j]), the correlation of
+  the padded cotangent with the flipped window; `keep(a, b, tap)` gets the
+  offsets (a, b) = (k − 1 − i, k − 1 − j) of the tap in the padded
+  cotangent (None: keep every tap whole)."""
   g_pad = windows.pad_spatial(g_dense, _REACH)
   total = None
   for a, b, tap in windows.taps(g_pad, WINDOW, 1, 1, h, w):
-    t = (WINDOW - 1 - a) * WINDOW + (WINDOW - 1 - b)
-    term = tap if keep is None else keep(a, b, t, tap)
+    term = tap if keep is None else keep(a, b, tap)
     total = term if total is None else total + term
   return total
 
@@ -116,7 +117,9 @@ def _max_shifted_backward(stride, residuals, g):
   first_taps = {(a, b): tap for a, b, tap in windows.taps(
       first_pad, WINDOW, 1, 1, h, w)}
 
-  def keep(a, b, t, g_tap):
+  def keep(a, b, g_tap):
+    # The forward tap (i, j) = (k − 1 − a, k − 1 − b), index k·i + j.
+    t = (WINDOW - 1 - a) * WINDOW + (WINDOW - 1 - b)
     return jnp.where(first_taps[a, b] == t, g_tap, jnp.zeros((), g.dtype))
 
   grad = _window_sum_back(windows.to_dense_grid(g, stride, h, w), h, w, keep)
