@@ -102,6 +102,10 @@ def _matmul(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
 
 
 def _matmul_forward(x, w, precision):
+  # The barrier makes the product's materialised input the residual:
+  # without it XLA:CPU computed the input (often a ReLU) twice, once for
+  # the product and once, in the chunks' layout, for the kernel gradient.
+  x = lax.optimization_barrier(x)
   return _matmul(x, w, precision), (x, w)
 
 

@@ -137,15 +137,24 @@ def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
 
 
 def _shifted_forward(x, kernel, stride, dilation, padding):
-  # Only the input is kept for the backward pass: JAX's own VJP of the k²
-  # slices keeps each slice, k² copies of the input.
-  return _shifted(x, kernel, stride, dilation, padding), (x, kernel)
+  # Only the padded input is kept for the backward pass (JAX's own VJP of
+  # the k² slices keeps each slice, k² copies of the input). The barrier
+  # makes the forward's padded input that residual: without it XLA:CPU
+  # wrote the input again, in the chunks' layout, for the kernel gradient.
+  _, h, w, _ = x.shape
+  k = kernel.shape[0]
+  x_pad = lax.optimization_barrier(windows.pad_spatial(x, padding))
+  out = _correlate(x_pad, kernel, stride, dilation,
+                   output_size(h, k, stride, dilation, padding),
+                   output_size(w, k, stride, dilation, padding))
+  return out, (x_pad, kernel)
 
 
-def _kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int,
-                 dilation: int, padding: int) -> jax.Array:
+def _kernel_grad(x_pad: jax.Array, g: jax.Array, k: int, stride: int,
+                 dilation: int) -> jax.Array:
   """∂kernel[i, j] = Σ_{n,y,x} x_pad[n, s·y + d·i, s·x + d·j] · g[n, y, x]
-  for x [N, H, W, C] and the cotangent g [N, h_out, w_out, C]: [k, k, 1, C].
+  for the padded input x_pad [N, H + 2p, W + 2p, C] and the cotangent
+  g [N, h_out, w_out, C]: [k, k, 1, C].
 
   One multiply-reduce per tap, over a few images at a time
   (`batch_chunks`): XLA:CPU copies each tap's slice before its reduction,
@@ -153,28 +162,29 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int,
   activations from memory (the kernel gradients at the speed comparison's
   shapes are 1.7x faster in chunks, experiments/RESULTS.md).
   """
-  c = x.shape[-1]
+  c = x_pad.shape[-1]
   _, h_out, w_out, _ = g.shape
 
   def chunk_grad(x_chunk, g_chunk):
     g_flat = windows.merge_minor(g_chunk)
-    taps = windows.taps(windows.pad_spatial(x_chunk, padding), k, dilation,
-                        stride, h_out, w_out)
+    taps = windows.taps(x_chunk, k, dilation, stride, h_out, w_out)
     grad = jnp.stack([jnp.sum(tap * g_flat, axis=(0, 1))
                       for _, _, tap in taps])
     return grad.reshape(k * k, w_out, c).sum(1)
 
-  return batch_chunks.sum_over_chunks(chunk_grad, x, g).reshape(k, k, 1, c)
+  return batch_chunks.sum_over_chunks(chunk_grad, x_pad, g).reshape(
+      k, k, 1, c)
 
 
 def _shifted_backward(stride, dilation, padding, residuals, g):
   """∂x: the transposed correlation (`_correlate_transposed`); ∂kernel:
   `_kernel_grad`."""
-  x, kernel = residuals
-  _, h, w, _ = x.shape
+  x_pad, kernel = residuals
+  _, h_pad, w_pad, _ = x_pad.shape
+  h, w = h_pad - 2 * padding, w_pad - 2 * padding
   k = kernel.shape[0]
   grad_x = _correlate_transposed(g, kernel, stride, dilation, padding, h, w)
-  return grad_x, _kernel_grad(x, g, k, stride, dilation, padding)
+  return grad_x, _kernel_grad(x_pad, g, k, stride, dilation)
 
 
 _shifted.defvjp(_shifted_forward, _shifted_backward)
