@@ -20,7 +20,8 @@ implementations compute the same function:
                     VJP): ∂x is the same loop over the cotangent with the
                     flipped kernel, per phase, ∂w one multiply-reduce per
                     tap over a few images at a time (in cache), and only
-                    the input is kept;
+                    the padded input, which the forward wrote anyway, is
+                    kept;
   'block_diagonal'  a dense conv whose kernel is w on the diagonal of a
                     C×C matrix per tap: C times the FLOPs, on the CPU's
                     dense conv kernels.
