@@ -127,27 +127,31 @@ def _correlate_transposed(g: jax.Array, kernel: jax.Array, stride: int,
   return grid[:, padding:padding + h, padding:padding + w]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
-             padding: int) -> jax.Array:
-  _, h, w, _ = x.shape
-  k = kernel.shape[0]
-  return _correlate(windows.pad_spatial(x, padding), kernel, stride, dilation,
-                    output_size(h, k, stride, dilation, padding),
-                    output_size(w, k, stride, dilation, padding))
-
-
-def _shifted_forward(x, kernel, stride, dilation, padding):
-  # Only the padded input is kept for the backward pass (JAX's own VJP of
-  # the k² slices keeps each slice, k² copies of the input). The barrier
-  # makes the forward's padded input that residual: without it XLA:CPU
-  # wrote the input again, in the chunks' layout, for the kernel gradient.
+def _pad_and_correlate(x: jax.Array, kernel: jax.Array, stride: int,
+                       dilation: int, padding: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """(the conv of x, the padded x). The barrier makes the padded input that
+  the correlation reads the backward pass's residual: without it XLA:CPU
+  wrote the input again, in the chunks' layout, for the kernel gradient."""
   _, h, w, _ = x.shape
   k = kernel.shape[0]
   x_pad = lax.optimization_barrier(windows.pad_spatial(x, padding))
   out = _correlate(x_pad, kernel, stride, dilation,
                    output_size(h, k, stride, dilation, padding),
                    output_size(w, k, stride, dilation, padding))
+  return out, x_pad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shifted(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
+             padding: int) -> jax.Array:
+  return _pad_and_correlate(x, kernel, stride, dilation, padding)[0]
+
+
+def _shifted_forward(x, kernel, stride, dilation, padding):
+  # Only the padded input is kept for the backward pass (JAX's own VJP of
+  # the k² slices keeps each slice, k² copies of the input).
+  out, x_pad = _pad_and_correlate(x, kernel, stride, dilation, padding)
   return out, (x_pad, kernel)
 
 
