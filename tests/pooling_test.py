@@ -63,6 +63,27 @@ def test_the_average_counts_only_cells_inside_the_image():
                      count_include_pad=False), rtol=1e-6)
 
 
+@pytest.mark.parametrize('size,window,stride', [(8, 5, 3), (7, 3, 2),
+                                                (4, 4, 1), (2, 2, 3)])
+def test_window_average_equals_avg_pool(size, window, stride):
+  """The auxiliary head's pool: value and gradient of nn.avg_pool (no
+  padding), for windows that overlap, tile and cover the whole map."""
+  rng = np.random.default_rng(size * window)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(2, (size - window) // stride + 1,
+                                         (size - window) // stride + 1, 3)),
+                        jnp.float32)
+
+  def loss(pool):
+    return jax.value_and_grad(lambda x: jnp.sum(pool(x) * weights))(x)
+
+  value, grad = loss(lambda x: pooling.window_average(x, window, stride))
+  value_ref, grad_ref = loss(
+      lambda x: nn.avg_pool(x, (window, window), strides=(stride, stride)))
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_resolve_by_backend():
   assert pooling.resolve('auto', 'cpu') == 'shifted'
   assert pooling.resolve('auto', 'gpu') == 'reduce_window'

@@ -41,8 +41,12 @@ from dha_jax.nas import windows
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Contract the channel axis of x [N, H, W, C_in] with w [C_in, C_out].
 _CHANNELS = (((3,), (0,)), ((), ()))
+# Contract the channel axis of x [P, C_in] with w [C_in, C_out].
+_CHANNELS_2D = (((1,), (0,)), ((), ()))
 # Contract images and positions of two [N, H, W, ·] arrays: [·, ·].
 _POSITIONS = (((0, 1, 2), (0, 1, 2)), ((), ()))
+# Contract the rows of two [P, ·] matrices: [·, ·].
+_ROWS = (((0,), (0,)), ((), ()))
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -88,10 +92,11 @@ def has_tap_kernel_grad(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
           and _is_nhwc(lhs_shape, rhs_shape, dimension_numbers))
 
 
-def _position_sum(a: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
-  """Σ_{n,h,w} a[n, h, w, :] ⊗ g[n, h, w, :] over chunks of images."""
+def _row_sum(a: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
+  """Σ_p a[p, :] ⊗ g[p, :] over the rows p of a [P, C_in] and g [P, C_out],
+  over chunks of rows."""
   return batch_chunks.sum_over_chunks(
-      lambda a_chunk, g_chunk: lax.dot_general(a_chunk, g_chunk, _POSITIONS,
+      lambda a_chunk, g_chunk: lax.dot_general(a_chunk, g_chunk, _ROWS,
                                                precision=precision), a, g)
 
 
@@ -101,19 +106,29 @@ def _matmul(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   return lax.dot_general(x, w, _CHANNELS, precision=precision)
 
 
+def _rows(a: jax.Array) -> jax.Array:
+  """[N, H, W, C] → [N·H·W, C]."""
+  return a.reshape(-1, a.shape[-1])
+
+
 def _matmul_forward(x, w, precision):
-  # The barrier makes the product's materialised input the residual:
-  # without it XLA:CPU computed the input (often a ReLU) twice, once for
-  # the product and once, in the chunks' layout, for the kernel gradient.
-  x = lax.optimization_barrier(x)
-  return _matmul(x, w, precision), (x, w)
+  # The residual is the [N·H·W, C_in] matrix the product reads, and the
+  # backward pass reads the cotangent as a matrix too: XLA:CPU computed an
+  # operand (a ReLU, a conv, a BatchNorm backward) once more for every
+  # shape it was read in.
+  rows = _rows(lax.optimization_barrier(x))
+  out = lax.dot_general(rows, w, _CHANNELS_2D, precision=precision)
+  return out.reshape(*x.shape[:-1], w.shape[1]), (rows, w)
 
 
 def _matmul_backward(precision, residuals, g):
-  """∂x = g @ wᵀ; ∂w = Σ_{n,h,w} x ⊗ g, over chunks of images."""
-  x, w = residuals
-  grad_x = lax.dot_general(g, w, (((3,), (1,)), ((), ())), precision=precision)
-  return grad_x, _position_sum(x, g, precision)
+  """∂x = g @ wᵀ; ∂w = Σ_{n,h,w} x ⊗ g, over chunks of rows."""
+  rows, w = residuals
+  g_rows = _rows(g)
+  grad_x = lax.dot_general(g_rows, w, (((1,), (1,)), ((), ())),
+                           precision=precision)
+  return (grad_x.reshape(*g.shape[:-1], w.shape[0]),
+          _row_sum(rows, g_rows, precision))
 
 
 _matmul.defvjp(_matmul_forward, _matmul_backward)

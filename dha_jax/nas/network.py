@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dha_jax.nas import depthwise as depthwise_lib
+from dha_jax.nas import batch_chunks
 from dha_jax.nas import dense_conv
 from dha_jax.nas import pooling as pooling_lib
 from dha_jax.nas import search_space
@@ -201,7 +202,7 @@ class Cell(nn.Module):
           h = drop_path(h, drop_path_rate, self.make_rng('dropout'))
         node = node + alphas[i][k] * h
       states.append(node)
-    return jnp.concatenate(states[2:], axis=-1)
+    return batch_chunks.concatenate_channels(states[2:])
 
 
 class AuxiliaryHead(nn.Module):
@@ -213,7 +214,7 @@ class AuxiliaryHead(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.relu(x)
     window = min(AUX_POOL, x.shape[1])
-    x = nn.avg_pool(x, (window, window), strides=(self.pool_stride,) * 2)
+    x = pooling_lib.window_average(x, window, self.pool_stride)
     x = dense_conv.Conv(AUX_CHANNELS[0], (1, 1), use_bias=False)(x)
     x = nn.relu(batch_norm(train)(x))
     kernel = min(2, x.shape[1])

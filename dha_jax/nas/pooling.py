@@ -179,3 +179,28 @@ def avg_pool_3x3(x: jax.Array, stride: int, impl: str = 'auto') -> jax.Array:
     return _avg_shifted(x, stride)
   return nn.avg_pool(x, (WINDOW, WINDOW), strides=(stride, stride),
                      padding=_padding(), count_include_pad=False)
+
+
+def _window_matrix(size: int, window: int, stride: int) -> np.ndarray:
+  """[size, size'] with 1 where input row h lies in output window a
+  (a·stride ≤ h < a·stride + window), for an unpadded window."""
+  out = windows.output_size(size, window, stride, 1, 0)
+  h = np.arange(size)[:, None]
+  start = np.arange(out)[None, :] * stride
+  return ((h >= start) & (h < start + window)).astype(np.float32)
+
+
+def window_average(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """`nn.avg_pool(x, (window, window), (stride, stride))` (no padding) as two
+  matrix products with 0/1 window matrices:
+  out[n, a, b] = Σ_{h,w} M_H[h, a] · M_W[w, b] · x[n, h, w] / window².
+
+  For the auxiliary head's 5×5/3 pool of a small map XLA:CPU's
+  reduce-window backward was slower than the step's convolutions around it
+  (experiments/RESULTS.md, 'Step time against the official code'); the
+  products and their transposes are a few multiply-adds per input.
+  """
+  _, h, w, _ = x.shape
+  rows = jnp.asarray(_window_matrix(h, window, stride), x.dtype)
+  cols = jnp.asarray(_window_matrix(w, window, stride), x.dtype)
+  return jnp.einsum('nhwc,ha,wb->nabc', x, rows, cols) / (window * window)
