@@ -1,7 +1,10 @@
-"""Tests of the reproduction scripts: experiments/reproduce.py, landscape.py."""
+"""Tests of the experiment scripts: reproduce.py, landscape.py,
+ablate_search.py, profile_step.py, ab_step.py."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import pytest
 
 from dha_jax import train
 from dha_jax.nas import search_space as ss
+from experiments import ab_step
 from experiments import ablate_search
 from experiments import landscape
 from experiments import profile_step
@@ -342,3 +346,34 @@ def test_profile_attributes_thunks_to_source_ops_by_kind():
   assert kinds[profile_step.UNATTRIBUTED]['forward_ms'] == 0.125
   assert sum(ms for _, ms in sources) == pytest.approx(2.375)
   assert sources[0] == (names['convolution.3'], 1.5)
+
+
+# ------------------------------------------------------------------ ab_step
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_ab_step_alternates_the_two_trees_steps(tmp_path):
+  """The same tree as A and B: every round times one step of each, and the
+  paired ratio of two identical steps is near 1."""
+  log = tmp_path / 'workers.log'
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.ab_step', '--before', _ROOT,
+       '--after', _ROOT, '--mode', 'train', '--rounds', '4',
+       '--log', str(log), '--', '--layers', '1', '--channels', '4',
+       '--batch', '4', '--size', '8'],
+      cwd=_ROOT, capture_output=True, text=True, check=True, timeout=900)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['rounds'] == 4 and result['mode'] == 'train'
+  for tree in ('before', 'after'):
+    assert 0 < result[f'{tree}_best_s'] <= result[f'{tree}_median_s']
+  assert 0.2 < result['after_over_before_paired_median'] < 5
+
+
+def test_ab_step_refuses_a_tree_that_is_not_a_checkout(tmp_path, capsys,
+                                                       monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['ab_step', '--before', str(tmp_path),
+                                    '--after', _ROOT])
+  with pytest.raises(SystemExit):
+    ab_step.main()
+  assert 'is not a checkout of this repository' in capsys.readouterr().err
