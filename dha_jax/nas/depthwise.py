@@ -129,18 +129,14 @@ def _correlate_transposed(g: jax.Array, kernel: jax.Array, stride: int,
 def _pad_and_correlate(x: jax.Array, kernel: jax.Array, stride: int,
                        dilation: int, padding: int
                        ) -> tuple[jax.Array, jax.Array]:
-  """(the conv of x, the padded x merged to [N, H + 2p, (W + 2p)·C]).
-
-  The correlation and the backward pass read the padded input in this one
-  shape: XLA:CPU computed an operand (the pad of a ReLU) once more for every
-  shape it was read in. The barrier keeps it from recomputing the input
-  inside the kernel gradient's loop."""
-  n, h, w, c = x.shape
+  """(the conv of x, the padded x). The correlation and the kernel
+  gradient's loop read the padded input as this one array: XLA:CPU computed
+  an operand (the pad of a ReLU) once more for every shape it was read in.
+  The barrier keeps it from recomputing the input inside the loop."""
+  _, h, w, _ = x.shape
   k = kernel.shape[0]
-  x_pad = windows.merge_minor(
-      lax.optimization_barrier(windows.pad_spatial(x, padding)))
-  out = _correlate(x_pad.reshape(n, h + 2 * padding, w + 2 * padding, c),
-                   kernel, stride, dilation,
+  x_pad = lax.optimization_barrier(windows.pad_spatial(x, padding))
+  out = _correlate(x_pad, kernel, stride, dilation,
                    output_size(h, k, stride, dilation, padding),
                    output_size(w, k, stride, dilation, padding))
   return out, x_pad
@@ -159,12 +155,11 @@ def _shifted_forward(x, kernel, stride, dilation, padding):
   return out, (x_pad, kernel)
 
 
-def _kernel_grad(x_pad: jax.Array, g: jax.Array, k: int, c: int, stride: int,
+def _kernel_grad(x_pad: jax.Array, g: jax.Array, k: int, stride: int,
                  dilation: int) -> jax.Array:
   """∂kernel[i, j] = Σ_{n,y,x} x_pad[n, s·y + d·i, s·x + d·j] · g[n, y, x]
-  for the padded input x_pad [N, H + 2p, W + 2p, C] and the cotangent
-  g [N, h_out, w_out, C] of C channels, both given merged
-  ([N, H + 2p, (W + 2p)·C], [N, h_out, w_out·C]): [k, k, 1, C].
+  for the padded input x_pad [N, H + 2p, W + 2p, C] and the cotangent g,
+  merged to [N, h_out, w_out·C]: [k, k, 1, C].
 
   One multiply-reduce per tap, over a few images at a time
   (`batch_chunks`): XLA:CPU copies each tap's slice before its reduction,
@@ -172,13 +167,12 @@ def _kernel_grad(x_pad: jax.Array, g: jax.Array, k: int, c: int, stride: int,
   activations from memory (the kernel gradients at the speed comparison's
   shapes are 1.7x faster in chunks, experiments/RESULTS.md).
   """
+  c = x_pad.shape[-1]
   _, h_out, w_out_c = g.shape
   w_out = w_out_c // c
 
   def chunk_grad(x_chunk, g_chunk):
-    b, h_pad, w_pad_c = x_chunk.shape
-    taps = windows.taps(x_chunk.reshape(b, h_pad, w_pad_c // c, c), k,
-                        dilation, stride, h_out, w_out)
+    taps = windows.taps(x_chunk, k, dilation, stride, h_out, w_out)
     grad = jnp.stack([jnp.sum(tap * g_chunk, axis=(0, 1))
                       for _, _, tap in taps])
     return grad.reshape(k * k, w_out, c).sum(1)
@@ -191,12 +185,12 @@ def _shifted_backward(stride, dilation, padding, residuals, g):
   """∂x: the transposed correlation (`_correlate_transposed`); ∂kernel:
   `_kernel_grad`, both reading the cotangent merged, in one shape."""
   x_pad, kernel = residuals
-  k, _, _, c = kernel.shape
-  _, h_pad, w_pad_c = x_pad.shape
-  h, w = h_pad - 2 * padding, w_pad_c // c - 2 * padding
+  _, h_pad, w_pad, _ = x_pad.shape
+  h, w = h_pad - 2 * padding, w_pad - 2 * padding
+  k = kernel.shape[0]
   g = windows.merge_minor(g)
   grad_x = _correlate_transposed(g, kernel, stride, dilation, padding, h, w)
-  return grad_x, _kernel_grad(x_pad, g, k, c, stride, dilation)
+  return grad_x, _kernel_grad(x_pad, g, k, stride, dilation)
 
 
 _shifted.defvjp(_shifted_forward, _shifted_backward)
