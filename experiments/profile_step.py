@@ -52,6 +52,7 @@ _INSTRUCTION = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+)\s*=.*?\s([\w\-]+)\(')
 _COMPUTATION = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
+_CONTAINERS = ('while', 'conditional', 'call')
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
@@ -60,11 +61,16 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   A fusion made by XLA may carry no metadata of its own (YNNPACK's
   `ynn_fusion`, for example); it is charged to the ops it fused: its
   computation's root, or else the most frequent name stack inside it.
+  Loops and other ops that run a computation (`while`, `conditional`,
+  `call`) are left out: the ops of their bodies are traced themselves, so
+  counting the container too would count its time twice.
   """
   names, calls, inside = {}, {}, {}
   computation = None
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
+    if m and m.group(3) in _CONTAINERS:
+      continue
     if m:
       op = _OP_NAME.search(line)
       name = m.group(2)

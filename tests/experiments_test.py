@@ -328,6 +328,7 @@ ENTRY %main (x: f32[4]) -> f32[4] {
   %convolution.3 = f32[4]{0} convolution(%x, %x), feature_group_count=4, metadata={op_name="jit(train_step)/jvp(DARTSNetwork)/cell0/n0_e1_dil_conv_3x3/DilConv_0/Conv_0/conv_general_dilated"}
   %ynn_fusion = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1
   %copy.2 = f32[4]{0} copy(%x)
+  %while.5 = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body, metadata={op_name="jit(train_step)/transpose(jvp(DARTSNetwork))/cell0/pre0/Conv_0/while"}
   ROOT %max.1 = f32[4]{0} maximum(%x, %x), metadata={op_name="jit(train_step)/jvp(DARTSNetwork)/cell1/n2_e0_max_pool_3x3/reduce_window_max"}
 }
 '''
@@ -338,8 +339,10 @@ def test_profile_attributes_thunks_to_source_ops_by_kind():
   # A fusion without metadata is charged to its computation's root.
   assert names['ynn_fusion'].endswith('DilConv_0/Conv_0/add')
   assert names['copy.2'] == ''
+  # A loop's body ops are traced themselves: the loop is not counted.
+  assert 'while.5' not in names
   totals = {'convolution.3': 3000.0, 'ynn_fusion': 1000.0, 'max.1': 500.0,
-            'copy.2': 250.0, 'ThunkExecutor::Execute': 1e6}
+            'copy.2': 250.0, 'ThunkExecutor::Execute': 1e6, 'while.5': 1e5}
   kinds, sources = profile_step.breakdown(totals, names, steps=2)
   assert kinds['depthwise conv'] == {'forward_ms': 1.5, 'backward_ms': 0.5}
   assert kinds['pools'] == {'forward_ms': 0.25, 'backward_ms': 0.0}

@@ -12,7 +12,8 @@ XLA's convolution in two ways:
   and forward + backward of the product is 2-3x faster;
 * the kernel gradient of every conv is a matrix product of its k² input
   taps, stacked on the channel axis, with the output's cotangent, summed
-  over chunks of images (`batch_chunks`). Over the whole batch XLA:CPU
+  over chunks of images (of the [N·H·W, C] rows for a 1×1 conv,
+  `batch_chunks`). Over the whole batch XLA:CPU
   transposed the cotangent for that product and fused the transpose into
   the cotangent's producer (a BatchNorm backward, often with a depthwise
   conv's ∂x), which then ran 5-10x slower, and it computed the stem's 3×3
