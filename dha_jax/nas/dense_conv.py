@@ -40,10 +40,8 @@ from dha_jax.nas import batch_chunks
 from dha_jax.nas import windows
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-# Contract the channel axis of x [N, H, W, C_in] with w [C_in, C_out].
-_CHANNELS = (((3,), (0,)), ((), ()))
 # Contract the channel axis of x [P, C_in] with w [C_in, C_out].
-_CHANNELS_2D = (((1,), (0,)), ((), ()))
+_CHANNELS = (((1,), (0,)), ((), ()))
 # Contract images and positions of two [N, H, W, ·] arrays: [·, ·].
 _POSITIONS = (((0, 1, 2), (0, 1, 2)), ((), ()))
 # Contract the rows of two [P, ·] matrices: [·, ·].
@@ -101,25 +99,33 @@ def _row_sum(a: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
                                                precision=precision), a, g)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
-  """x [N, H, W, C_in] @ w [C_in, C_out] -> [N, H, W, C_out]."""
-  return lax.dot_general(x, w, _CHANNELS, precision=precision)
-
-
 def _rows(a: jax.Array) -> jax.Array:
   """[N, H, W, C] → [N·H·W, C]."""
   return a.reshape(-1, a.shape[-1])
 
 
-def _matmul_forward(x, w, precision):
-  # The residual is the [N·H·W, C_in] matrix the product reads, and the
-  # backward pass reads the cotangent as a matrix too: XLA:CPU computed an
-  # operand (a ReLU, a conv, a BatchNorm backward) once more for every
-  # shape it was read in.
+def _product_of_rows(x: jax.Array, w: jax.Array, precision: Any
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(x @ w [N, H, W, C_out], the [N·H·W, C_in] matrix it read).
+
+  The matrix is the backward pass's residual, and the backward pass reads
+  the cotangent as a matrix too: XLA:CPU computed an operand (a ReLU, a
+  conv, a BatchNorm backward) once more for every shape it was read in.
+  """
   rows = _rows(lax.optimization_barrier(x))
-  out = lax.dot_general(rows, w, _CHANNELS_2D, precision=precision)
-  return out.reshape(*x.shape[:-1], w.shape[1]), (rows, w)
+  out = lax.dot_general(rows, w, _CHANNELS, precision=precision)
+  return out.reshape(*x.shape[:-1], w.shape[1]), rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+  """x [N, H, W, C_in] @ w [C_in, C_out] -> [N, H, W, C_out]."""
+  return _product_of_rows(x, w, precision)[0]
+
+
+def _matmul_forward(x, w, precision):
+  out, rows = _product_of_rows(x, w, precision)
+  return out, (rows, w)
 
 
 def _matmul_backward(precision, residuals, g):

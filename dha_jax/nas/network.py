@@ -31,8 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import batch_chunks
+from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import dense_conv
 from dha_jax.nas import pooling as pooling_lib
 from dha_jax.nas import search_space
