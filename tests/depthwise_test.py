@@ -1,4 +1,4 @@
-"""Tests of the depthwise conv implementations: one function, three forms."""
+"""Tests of the depthwise conv implementations: one function, four forms."""
 
 import flax.linen as nn
 import jax
@@ -8,6 +8,7 @@ import pytest
 
 from dha_jax import train
 from dha_jax.nas import batch_chunks
+from dha_jax.nas import cpu_kernels
 from dha_jax.nas import depthwise
 from dha_jax.nas import network
 from dha_jax.nas import search_space as ss
@@ -18,7 +19,7 @@ from tests.tiny import tiny_config
 # use, on even and odd sizes (odd strided sizes test the last window).
 CASES = [(3, 1, 1, 8), (5, 1, 1, 8), (3, 2, 1, 8), (5, 2, 1, 7),
          (3, 1, 2, 8), (5, 1, 2, 9), (3, 2, 2, 7), (5, 2, 2, 8)]
-OTHER_IMPLS = ('shifted', 'block_diagonal')
+OTHER_IMPLS = ('shifted', 'block_diagonal', 'ffi')
 
 
 def _loss(impl, stride, dilation, padding):
@@ -33,7 +34,7 @@ def _loss(impl, stride, dilation, padding):
 @pytest.mark.parametrize('k,stride,dilation,size', CASES)
 def test_value_and_gradient_equal_the_grouped_conv(impl, k, stride, dilation,
                                                    size):
-  channels = 3
+  channels = 11    # 'ffi': one block of 8 channels as a vector, 3 alone
   rng = np.random.default_rng(k * 100 + stride * 10 + dilation)
   x = jnp.asarray(rng.normal(size=(2, size, size, channels)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 1, channels)), jnp.float32)
@@ -91,7 +92,7 @@ def test_module_has_nn_conv_parameters_and_output():
 
 
 def test_resolve_by_backend():
-  assert depthwise.resolve('auto', 'cpu') == 'shifted'
+  assert depthwise.resolve('auto', 'cpu') == 'ffi'   # this machine has g++
   assert depthwise.resolve('auto', 'gpu') == 'grouped'
   assert depthwise.resolve('auto', 'tpu') == 'grouped'
   assert depthwise.resolve('block_diagonal', 'cpu') == 'block_diagonal'
@@ -100,6 +101,24 @@ def test_resolve_by_backend():
     depthwise.resolve('fft')
   with pytest.raises(ValueError, match=r'\[k, k, 1, 3\]'):
     depthwise.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 3)))
+  with pytest.raises(ValueError, match="CPU only.*model.depthwise"):
+    depthwise.resolve('ffi', 'gpu')
+
+
+def test_without_cpu_kernels_auto_is_shifted_and_ffi_an_error(monkeypatch):
+  reason = 'no C++ compiler: (test)'
+  monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
+  monkeypatch.setattr(cpu_kernels, 'unavailable_reason', lambda: reason)
+  assert depthwise.resolve('auto', 'cpu') == 'shifted'
+  with pytest.raises(ValueError, match=r'no C\+\+ compiler.*model.depthwise'):
+    depthwise.resolve('ffi', 'cpu')
+
+
+def test_ffi_refuses_other_dtypes_by_name():
+  x = jnp.zeros((1, 4, 4, 3), jnp.bfloat16)
+  with pytest.raises(ValueError, match="float32.*'shifted'"):
+    depthwise.depthwise_conv(x, jnp.zeros((3, 3, 1, 3), jnp.bfloat16),
+                             padding=1, impl='ffi')
 
 
 def test_network_is_the_same_function_whichever_implementation():

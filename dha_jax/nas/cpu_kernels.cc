@@ -1,0 +1,329 @@
+// CPU kernels of the depthwise conv, called from JAX through XLA's FFI.
+//
+// Built and registered by dha_jax/nas/cpu_kernels.py; the maths and the
+// reasons are in dha_jax/nas/depthwise.py ('ffi') and docs/design.md.
+//
+// Layouts: x [N, H, W, C] and y [N, H', W', C] row-major (NHWC); the kernel
+// w [k, k, C]. With p the padding, s the stride and d the dilation:
+//
+//   y[n, oy, ox, c]  = Σ_{i,j} xp[n, s·oy + d·i, s·ox + d·j, c] · w[i, j, c]
+//   ∂x: ∂xp[n, s·oy + d·i, s·ox + d·j, c] += g[n, oy, ox, c] · w[i, j, c]
+//   ∂w[i, j, c]      = Σ_{n,oy,ox} xp[n, s·oy + d·i, s·ox + d·j, c] · g[n, oy, ox, c]
+//
+// where xp is x with p zeros around H and W. Each image is padded into a
+// small scratch buffer (a few tens of KiB, in cache), so the loops have no
+// bounds tests. Channels are the minor axis: the loops run over blocks of 8
+// channels as one 8-lane vector (GCC/Clang vector extensions), the last
+// C mod 8 channels one at a time. Every output vector is accumulated in
+// registers over its taps, four outputs at a time, so that four independent
+// multiply-add chains hide the latency of each. Images are split over the
+// threads of XLA's intra-op pool.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float Vec8 __attribute__((vector_size(32), aligned(4)));
+constexpr int64_t kLanes = 8;
+
+template <typename V>
+inline V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void Store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+struct Geometry {
+  int64_t n, h, w, c;      // input
+  int64_t k;               // kernel size
+  int64_t h_out, w_out;    // output
+  int64_t stride, dilation, padding;
+  int64_t h_pad, w_pad;    // the padded image, large enough for every tap
+
+  int64_t image() const { return h * w * c; }
+  int64_t image_out() const { return h_out * w_out * c; }
+  int64_t image_pad() const { return h_pad * w_pad * c; }
+};
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, int64_t k,
+                      ffi::Span<const int64_t> y, int64_t stride,
+                      int64_t dilation, int64_t padding) {
+  Geometry g{x[0], x[1], x[2], x[3], k, y[1], y[2], stride, dilation, padding,
+             0, 0};
+  // Rows a tap reads: up to s·(H' − 1) + d·(k − 1); the padding may be
+  // asymmetric in effect when (H + 2p − d(k − 1) − 1) is not a multiple of s.
+  g.h_pad = std::max(g.h + 2 * padding,
+                     stride * (g.h_out - 1) + dilation * (k - 1) + 1);
+  g.w_pad = std::max(g.w + 2 * padding,
+                     stride * (g.w_out - 1) + dilation * (k - 1) + 1);
+  return g;
+}
+
+void PadImage(const float* x, float* xp, const Geometry& g) {
+  std::memset(xp, 0, sizeof(float) * g.image_pad());
+  for (int64_t y = 0; y < g.h; ++y) {
+    std::memcpy(xp + ((y + g.padding) * g.w_pad + g.padding) * g.c,
+                x + y * g.w * g.c, sizeof(float) * g.w * g.c);
+  }
+}
+
+void CropImage(const float* xp, float* x, const Geometry& g) {
+  for (int64_t y = 0; y < g.h; ++y) {
+    std::memcpy(x + y * g.w * g.c,
+                xp + ((y + g.padding) * g.w_pad + g.padding) * g.c,
+                sizeof(float) * g.w * g.c);
+  }
+}
+
+// y of one image for the channels [c0, c1) in steps of the lanes of V.
+template <typename V, int64_t L>
+void CorrelateImage(const float* __restrict xp, const float* __restrict w,
+                    float* __restrict y, const Geometry& g, int64_t c0,
+                    int64_t c1) {
+  const int64_t c = g.c, step = g.stride * c, tap_col = g.dilation * c;
+  const int64_t tap_row = g.dilation * g.w_pad * c;
+  for (int64_t oy = 0; oy < g.h_out; ++oy) {
+    const float* row = xp + g.stride * oy * g.w_pad * c;
+    float* out = y + oy * g.w_out * c;
+    for (int64_t cb = c0; cb < c1; cb += L) {
+      int64_t ox = 0;
+      for (; ox + 4 <= g.w_out; ox += 4) {
+        V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        const float* base = row + g.stride * ox * c + cb;
+        for (int64_t i = 0; i < g.k; ++i) {
+          for (int64_t j = 0; j < g.k; ++j) {
+            const V wv = Load<V>(w + (i * g.k + j) * c + cb);
+            const float* q = base + i * tap_row + j * tap_col;
+            a0 += Load<V>(q) * wv;
+            a1 += Load<V>(q + step) * wv;
+            a2 += Load<V>(q + 2 * step) * wv;
+            a3 += Load<V>(q + 3 * step) * wv;
+          }
+        }
+        Store<V>(out + ox * c + cb, a0);
+        Store<V>(out + (ox + 1) * c + cb, a1);
+        Store<V>(out + (ox + 2) * c + cb, a2);
+        Store<V>(out + (ox + 3) * c + cb, a3);
+      }
+      for (; ox < g.w_out; ++ox) {
+        V a0 = {};
+        const float* base = row + g.stride * ox * c + cb;
+        for (int64_t i = 0; i < g.k; ++i) {
+          for (int64_t j = 0; j < g.k; ++j) {
+            a0 += Load<V>(base + i * tap_row + j * tap_col) *
+                  Load<V>(w + (i * g.k + j) * c + cb);
+          }
+        }
+        Store<V>(out + ox * c + cb, a0);
+      }
+    }
+  }
+}
+
+// ∂xp of one image (added to its zeroed scratch), channels [c0, c1).
+template <typename V, int64_t L>
+void ScatterImage(const float* __restrict gy, const float* __restrict w,
+                  float* __restrict dxp, const Geometry& g, int64_t c0,
+                  int64_t c1) {
+  const int64_t c = g.c, step = g.stride * c;
+  for (int64_t oy = 0; oy < g.h_out; ++oy) {
+    const float* grow = gy + oy * g.w_out * c;
+    for (int64_t i = 0; i < g.k; ++i) {
+      float* drow = dxp + (g.stride * oy + g.dilation * i) * g.w_pad * c;
+      for (int64_t j = 0; j < g.k; ++j) {
+        for (int64_t cb = c0; cb < c1; cb += L) {
+          const V wv = Load<V>(w + (i * g.k + j) * c + cb);
+          float* d = drow + g.dilation * j * c + cb;
+          const float* gp = grow + cb;
+          for (int64_t ox = 0; ox < g.w_out; ++ox) {
+            float* t = d + ox * step;
+            Store<V>(t, Load<V>(t) + Load<V>(gp + ox * c) * wv);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ∂w += one image's sum, channels [c0, c1).
+template <typename V, int64_t L>
+void KernelGradImage(const float* __restrict xp, const float* __restrict gy,
+                     float* __restrict dw, const Geometry& g, int64_t c0,
+                     int64_t c1) {
+  const int64_t c = g.c, step = g.stride * c;
+  for (int64_t i = 0; i < g.k; ++i) {
+    for (int64_t j = 0; j < g.k; ++j) {
+      for (int64_t cb = c0; cb < c1; cb += L) {
+        V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t oy = 0; oy < g.h_out; ++oy) {
+          const float* xr =
+              xp + ((g.stride * oy + g.dilation * i) * g.w_pad +
+                    g.dilation * j) * c + cb;
+          const float* gr = gy + oy * g.w_out * c + cb;
+          int64_t ox = 0;
+          for (; ox + 4 <= g.w_out; ox += 4) {
+            a0 += Load<V>(xr + ox * step) * Load<V>(gr + ox * c);
+            a1 += Load<V>(xr + (ox + 1) * step) * Load<V>(gr + (ox + 1) * c);
+            a2 += Load<V>(xr + (ox + 2) * step) * Load<V>(gr + (ox + 2) * c);
+            a3 += Load<V>(xr + (ox + 3) * step) * Load<V>(gr + (ox + 3) * c);
+          }
+          for (; ox < g.w_out; ++ox) {
+            a0 += Load<V>(xr + ox * step) * Load<V>(gr + ox * c);
+          }
+        }
+        float* out = dw + (i * g.k + j) * c + cb;
+        Store<V>(out, Load<V>(out) + ((a0 + a1) + (a2 + a3)));
+      }
+    }
+  }
+}
+
+// Runs fn(0), ..., fn(parts − 1) on the intra-op pool and the calling
+// thread. The caller takes parts too, so it finishes even when no pool
+// thread is free; closures that start after the last part only find the
+// counter exhausted (the state they share is reference-counted).
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts,
+                 const std::function<void(int64_t)>& fn) {
+  if (parts <= 1) {
+    if (parts == 1) fn(0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  const std::function<void(int64_t)>* body = &fn;
+  auto work = [state, parts, body]() {
+    for (int64_t part; (part = state->next.fetch_add(1)) < parts;) {
+      (*body)(part);
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (++state->done == parts) state->finished.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done == parts; });
+}
+
+// The image range [begin, end) of part `part` of `parts`.
+std::pair<int64_t, int64_t> Images(int64_t n, int64_t part, int64_t parts) {
+  return {n * part / parts, n * (part + 1) / parts};
+}
+
+int64_t Parts(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, n));
+}
+
+// Calls kernel<Vec8, 8> on the channels in blocks of 8 and kernel<float, 1>
+// on the rest.
+#define DHA_FOR_CHANNEL_BLOCKS(kernel, g, ...)                        \
+  do {                                                                \
+    const int64_t vec_end = (g).c - (g).c % kLanes;                   \
+    if (vec_end > 0) kernel<Vec8, kLanes>(__VA_ARGS__, 0, vec_end);   \
+    if (vec_end < (g).c) kernel<float, 1>(__VA_ARGS__, vec_end, (g).c); \
+  } while (0)
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t stride, int64_t dilation, int64_t padding) {
+  const Geometry g = MakeGeometry(x.dimensions(), w.dimensions()[0],
+                                  y->dimensions(), stride, dilation, padding);
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  const int64_t parts = Parts(pool, g.n);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> xp(g.image_pad());
+    auto [begin, end] = Images(g.n, part, parts);
+    for (int64_t n = begin; n < end; ++n) {
+      PadImage(xs + n * g.image(), xp.data(), g);
+      DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, g, xp.data(), ws,
+                             ys + n * g.image_out(), g);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> gy,
+                    ffi::ResultBuffer<ffi::F32> dx,
+                    ffi::ResultBuffer<ffi::F32> dw, int64_t stride,
+                    int64_t dilation, int64_t padding) {
+  const Geometry g = MakeGeometry(x.dimensions(), w.dimensions()[0],
+                                  gy.dimensions(), stride, dilation, padding);
+  const int64_t taps = g.k * g.k * g.c;
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  const float* gs = gy.typed_data();
+  float* dxs = dx->typed_data();
+  const int64_t parts = Parts(pool, g.n);
+  // One partial ∂w per part, summed in a fixed order: the result does not
+  // depend on which thread ran which part.
+  std::vector<float> partial(parts * taps, 0.0f);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> xp(g.image_pad()), dxp(g.image_pad());
+    float* dw_part = partial.data() + part * taps;
+    auto [begin, end] = Images(g.n, part, parts);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* gn = gs + n * g.image_out();
+      PadImage(xs + n * g.image(), xp.data(), g);
+      std::memset(dxp.data(), 0, sizeof(float) * g.image_pad());
+      DHA_FOR_CHANNEL_BLOCKS(ScatterImage, g, gn, ws, dxp.data(), g);
+      DHA_FOR_CHANNEL_BLOCKS(KernelGradImage, g, xp.data(), gn, dw_part, g);
+      CropImage(dxp.data(), dxs + n * g.image(), g);
+    }
+  });
+  float* dws = dw->typed_data();
+  std::memset(dws, 0, sizeof(float) * taps);
+  for (int64_t part = 0; part < parts; ++part) {
+    for (int64_t t = 0; t < taps; ++t) dws[t] += partial[part * taps + t];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaDepthwiseForward, Forward,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("stride")
+        .Attr<int64_t>("dilation")
+        .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaDepthwiseBackward, Backward,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("stride")
+        .Attr<int64_t>("dilation")
+        .Attr<int64_t>("padding"));

@@ -1,0 +1,192 @@
+"""CPU kernels of our own, called through XLA's FFI and compiled on first use.
+
+XLA:CPU has no fast depthwise convolution: its grouped convolution is slow,
+and the k² shifted multiply-adds that fuse well forward ('shifted' in
+`nas/depthwise.py`) need k² passes over the activations for the kernel
+gradient and a strided interleave for ∂x. `cpu_kernels.cc` computes the
+forward conv, ∂x and ∂kernel of one image at a time in cache, in one pass,
+vectorised over channels and split over the threads of XLA's intra-op pool.
+
+**Build.** The source ships with the package. The first call to
+`available()` in a process compiles it with the machine's C++ compiler
+(`$CXX`, else `c++`; C++17) against the FFI headers that jaxlib ships
+(`jax.ffi.include_dir()`), with `-march=native`, into a cache folder:
+`$DHA_JAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/dha_jax`, else
+`~/.cache/dha_jax`. The library's name holds a digest of the source, the
+flags, the compiler's version, jaxlib's version and the CPU's model and
+feature flags, so a changed source, compiler, jaxlib or CPU (a cache shared
+by the nodes of a cluster) builds anew and a stale library is never loaded.
+The build is written to a temporary file and renamed into place, so
+processes that build at once (pytest workers, the hosts of one job) never
+load a half-written library. It takes a few seconds, once per machine.
+
+**Without a compiler** (or when the build fails) `available()` is False and
+`unavailable_reason()` says why; `model.depthwise = 'auto'` then uses the
+pure-XLA 'shifted' form, and an explicit 'ffi' raises with that reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
+CACHE_ENV = 'DHA_JAX_KERNEL_CACHE'
+COMPILER_ENV = 'CXX'
+DEFAULT_COMPILER = 'c++'
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+# A build takes a few seconds; a compiler that hangs must not hang training.
+BUILD_TIMEOUT_S = 300
+
+_DEPTHWISE_FORWARD = 'dha_depthwise_forward'
+_DEPTHWISE_BACKWARD = 'dha_depthwise_backward'
+_SYMBOLS = {_DEPTHWISE_FORWARD: 'DhaDepthwiseForward',
+            _DEPTHWISE_BACKWARD: 'DhaDepthwiseBackward'}
+
+
+class KernelBuildError(RuntimeError):
+  """The CPU kernels could not be built or loaded; the message says why."""
+
+
+def cache_dir() -> pathlib.Path:
+  """Where built libraries are kept (see the module docstring)."""
+  if os.environ.get(CACHE_ENV):
+    return pathlib.Path(os.environ[CACHE_ENV])
+  base = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+  return pathlib.Path(base) / 'dha_jax'
+
+
+def _cpu_identity() -> str:
+  """The CPU's model and feature flags: a `-march=native` build runs only on
+  CPUs that have its features."""
+  try:
+    lines = pathlib.Path('/proc/cpuinfo').read_text().splitlines()
+  except OSError:
+    return f'{platform.machine()} {platform.processor()}'
+  wanted = ('model name', 'flags', 'Features', 'CPU part')
+  return '\n'.join(sorted({line for line in lines
+                           if line.split(':')[0].strip() in wanted}))
+
+
+def _build(compiler: str) -> pathlib.Path:
+  """Compiles `SOURCE` into the cache (or finds it there); its path."""
+  try:
+    version = subprocess.run([compiler, '--version'], capture_output=True,
+                             text=True, timeout=BUILD_TIMEOUT_S).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise KernelBuildError(f'cannot run the C++ compiler {compiler!r}: {e}')
+  digest = hashlib.sha256('\0'.join(
+      (SOURCE.read_text(), ' '.join(FLAGS), version, jaxlib.__version__,
+       _cpu_identity())).encode()).hexdigest()[:16]
+  folder = cache_dir()
+  library = folder / f'cpu_kernels-{digest}.so'
+  if library.exists():
+    return library
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=folder, suffix='.so.partial')
+    os.close(fd)
+  except OSError as e:
+    raise KernelBuildError(f'cannot write the kernel cache {folder}: {e}; set '
+                           f'{CACHE_ENV} to a writable folder')
+  command = [compiler, *FLAGS, '-isystem', jax.ffi.include_dir(),
+             str(SOURCE), '-o', partial]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT_S)
+  except (OSError, subprocess.SubprocessError) as e:
+    os.unlink(partial)
+    raise KernelBuildError(f'{" ".join(command)} failed: {e}')
+  if done.returncode != 0:
+    os.unlink(partial)
+    tail = '\n'.join(done.stderr.strip().splitlines()[-20:])
+    raise KernelBuildError(f'{" ".join(command)} failed:\n{tail}')
+  os.replace(partial, library)
+  return library
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | KernelBuildError:
+  """The built library, its targets registered with XLA; or the error."""
+  compiler = os.environ.get(COMPILER_ENV) or DEFAULT_COMPILER
+  if shutil.which(compiler) is None:
+    return KernelBuildError(
+        f'no C++ compiler: {compiler!r} is not on PATH (install g++ or clang, '
+        f'or name one in ${COMPILER_ENV})')
+  try:
+    library = ctypes.CDLL(str(_build(compiler)))
+  except KernelBuildError as e:
+    return e
+  except OSError as e:
+    return KernelBuildError(f'cannot load the built kernels: {e}')
+  for target, symbol in _SYMBOLS.items():
+    jax.ffi.register_ffi_target(
+        target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+  return library
+
+
+def available() -> bool:
+  """Whether the kernels are built and registered (builds them once)."""
+  return not isinstance(_load(), KernelBuildError)
+
+
+def unavailable_reason() -> str | None:
+  """Why `available()` is False (None when it is True)."""
+  loaded = _load()
+  return str(loaded) if isinstance(loaded, KernelBuildError) else None
+
+
+def _require() -> None:
+  loaded = _load()
+  if isinstance(loaded, KernelBuildError):
+    raise loaded
+
+
+def _attributes(stride: int, dilation: int, padding: int) -> dict:
+  return {'stride': np.int64(stride), 'dilation': np.int64(dilation),
+          'padding': np.int64(padding)}
+
+
+def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int,
+                      dilation: int, padding: int, h_out: int, w_out: int
+                      ) -> jax.Array:
+  """out[n, y, x, c] = Σ_{i,j} x_pad[n, s·y + d·i, s·x + d·j, c] · kernel[i, j, c]
+  with x_pad x with `padding` zeros around H and W.
+
+  Args:
+    x: [N, H, W, C] float32.
+    kernel: [k, k, C] float32.
+    stride, dilation, padding: the same for both spatial axes.
+    h_out, w_out: the output's size (`windows.output_size`).
+
+  Returns:
+    [N, h_out, w_out, C].
+  """
+  _require()
+  out = jax.ShapeDtypeStruct((x.shape[0], h_out, w_out, x.shape[3]), x.dtype)
+  return jax.ffi.ffi_call(_DEPTHWISE_FORWARD, out)(
+      x, kernel, **_attributes(stride, dilation, padding))
+
+
+def depthwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array,
+                       stride: int, dilation: int, padding: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """(∂x, ∂kernel) of `depthwise_forward` for the cotangent g
+  [N, h_out, w_out, C]: ∂x [N, H, W, C], ∂kernel [k, k, C]."""
+  _require()
+  return jax.ffi.ffi_call(
+      _DEPTHWISE_BACKWARD,
+      (jax.ShapeDtypeStruct(x.shape, x.dtype),
+       jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)))(
+           x, kernel, g, **_attributes(stride, dilation, padding))
