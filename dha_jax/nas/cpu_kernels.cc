@@ -1,9 +1,11 @@
-// CPU kernels of the depthwise conv, called from JAX through XLA's FFI.
+// CPU kernels, called from JAX through XLA's FFI: the depthwise conv and
+// the per-channel sums of BatchNorm.
 //
 // Built and registered by dha_jax/nas/cpu_kernels.py; the maths and the
-// reasons are in dha_jax/nas/depthwise.py ('ffi') and docs/design.md.
+// reasons are in dha_jax/nas/depthwise.py ('ffi'), dha_jax/nas/batch_norm.py
+// and docs/design.md.
 //
-// Layouts: x [N, H, W, C] and y [N, H', W', C] row-major (NHWC); the kernel
+// Depthwise conv. Layouts: x [N, H, W, C] and y [N, H', W', C] row-major (NHWC); the kernel
 // w [k, k, C]. With p the padding, s the stride and d the dilation:
 //
 //   y[n, oy, ox, c]  = Σ_{i,j} xp[n, s·oy + d·i, s·ox + d·j, c] · w[i, j, c]
@@ -18,6 +20,13 @@
 // registers over its taps, four outputs at a time, so that four independent
 // multiply-add chains hide the latency of each. Images are split over the
 // threads of XLA's intra-op pool.
+//
+// Channel sums. For a, b [M, C] (M = N·H·W rows): Σ_m b[m, c] and
+// Σ_m a[m, c]·b[m, c], the reductions of a BatchNorm's statistics (a = b = x)
+// and of its backward pass (a = x, b = the cotangent). XLA:CPU reduces over
+// the major axes with C minor several times slower than memory allows. Rows
+// are summed in float32 vectors over blocks of rows, the blocks' sums in
+// double, and the threads' parts in a fixed order.
 
 #include <algorithm>
 #include <atomic>
@@ -226,13 +235,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts,
   state->finished.wait(lock, [&] { return state->done == parts; });
 }
 
-// The image range [begin, end) of part `part` of `parts`.
-std::pair<int64_t, int64_t> Images(int64_t n, int64_t part, int64_t parts) {
+// The range [begin, end) of part `part` of `parts` of n items (images,
+// rows).
+std::pair<int64_t, int64_t> PartRange(int64_t n, int64_t part, int64_t parts) {
   return {n * part / parts, n * (part + 1) / parts};
 }
 
 int64_t Parts(ffi::ThreadPool& pool, int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, n));
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
 }
 
 // Calls kernel<Vec8, 8> on the channels in blocks of 8 and kernel<float, 1>
@@ -255,7 +265,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t parts = Parts(pool, g.n);
   ParallelFor(pool, parts, [&](int64_t part) {
     std::vector<float> xp(g.image_pad());
-    auto [begin, end] = Images(g.n, part, parts);
+    auto [begin, end] = PartRange(g.n, part, parts);
     for (int64_t n = begin; n < end; ++n) {
       PadImage(xs + n * g.image(), xp.data(), g);
       DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, g, xp.data(), ws,
@@ -284,7 +294,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   ParallelFor(pool, parts, [&](int64_t part) {
     std::vector<float> xp(g.image_pad()), dxp(g.image_pad());
     float* dw_part = partial.data() + part * taps;
-    auto [begin, end] = Images(g.n, part, parts);
+    auto [begin, end] = PartRange(g.n, part, parts);
     for (int64_t n = begin; n < end; ++n) {
       const float* gn = gs + n * g.image_out();
       PadImage(xs + n * g.image(), xp.data(), g);
@@ -302,7 +312,78 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Rows per float32 block of `ChannelSums`: within a block the float32 sums
+// of a few hundred values lose little; blocks are summed in double.
+constexpr int64_t kRowsPerBlock = 256;
+
+// Adds Σ b and Σ a·b over rows [r0, r1) of the channels [c0, c1) to sums
+// (double [2, C]).
+template <typename V, int64_t L>
+void SumRows(const float* __restrict a, const float* __restrict b,
+             int64_t c, int64_t r0, int64_t r1, double* sums, int64_t c0,
+             int64_t c1) {
+  for (int64_t cb = c0; cb < c1; cb += L) {
+    V s0 = {}, s1 = {}, p0 = {}, p1 = {};
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+      const V b0 = Load<V>(b + r * c + cb), b1 = Load<V>(b + (r + 1) * c + cb);
+      s0 += b0;
+      s1 += b1;
+      p0 += Load<V>(a + r * c + cb) * b0;
+      p1 += Load<V>(a + (r + 1) * c + cb) * b1;
+    }
+    for (; r < r1; ++r) {
+      const V b0 = Load<V>(b + r * c + cb);
+      s0 += b0;
+      p0 += Load<V>(a + r * c + cb) * b0;
+    }
+    const V s = s0 + s1, p = p0 + p1;
+    for (int64_t l = 0; l < L; ++l) {
+      sums[cb + l] += static_cast<double>(reinterpret_cast<const float*>(&s)[l]);
+      sums[c + cb + l] +=
+          static_cast<double>(reinterpret_cast<const float*>(&p)[l]);
+    }
+  }
+}
+
+ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                       ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = b.dimensions();
+  const int64_t c = dims[dims.size() - 1];
+  const int64_t rows = c == 0 ? 0 : b.element_count() / c;
+  const float* as = a.typed_data();
+  const float* bs = b.typed_data();
+  const int64_t parts = Parts(pool, (rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  std::vector<double> partial(parts * 2 * c, 0.0);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    double* sums = partial.data() + part * 2 * c;
+    auto [begin, end] = PartRange(rows, part, parts);
+    for (int64_t r0 = begin; r0 < end; r0 += kRowsPerBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowsPerBlock);
+      const int64_t vec_end = c - c % kLanes;
+      if (vec_end > 0) SumRows<Vec8, kLanes>(as, bs, c, r0, r1, sums, 0, vec_end);
+      if (vec_end < c) SumRows<float, 1>(as, bs, c, r0, r1, sums, vec_end, c);
+    }
+  });
+  float* o = out->typed_data();
+  for (int64_t t = 0; t < 2 * c; ++t) {
+    double total = 0.0;
+    for (int64_t part = 0; part < parts; ++part) total += partial[part * 2 * c + t];
+    o[t] = static_cast<float>(total);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaChannelSums, ChannelSums,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DhaDepthwiseForward, Forward,

@@ -1,11 +1,18 @@
 """CPU kernels of our own, called through XLA's FFI and compiled on first use.
 
-XLA:CPU has no fast depthwise convolution: its grouped convolution is slow,
-and the k² shifted multiply-adds that fuse well forward ('shifted' in
-`nas/depthwise.py`) need k² passes over the activations for the kernel
-gradient and a strided interleave for ∂x. `cpu_kernels.cc` computes the
-forward conv, ∂x and ∂kernel of one image at a time in cache, in one pass,
-vectorised over channels and split over the threads of XLA's intra-op pool.
+Two kinds of op are several times slower on XLA:CPU than the memory they
+read allows, and `cpu_kernels.cc` computes them instead:
+
+* the depthwise conv: XLA's grouped convolution is slow, and the k² shifted
+  multiply-adds that fuse well forward ('shifted' in `nas/depthwise.py`)
+  need k² passes over the activations for the kernel gradient and a strided
+  interleave for ∂x. The kernels compute the forward conv, ∂x and ∂kernel of
+  one image at a time in cache, in one pass, vectorised over channels;
+* reductions over the major axes of an [..., C] array (BatchNorm's
+  statistics and the sums of its backward pass, `nas/batch_norm.py`): one
+  pass, float32 vectors over blocks of rows, double across blocks.
+
+Both split their work over the threads of XLA's intra-op pool.
 
 **Build.** The source ships with the package. The first call to
 `available()` in a process compiles it with the machine's C++ compiler
@@ -51,8 +58,10 @@ BUILD_TIMEOUT_S = 300
 
 _DEPTHWISE_FORWARD = 'dha_depthwise_forward'
 _DEPTHWISE_BACKWARD = 'dha_depthwise_backward'
+_CHANNEL_SUMS = 'dha_channel_sums'
 _SYMBOLS = {_DEPTHWISE_FORWARD: 'DhaDepthwiseForward',
-            _DEPTHWISE_BACKWARD: 'DhaDepthwiseBackward'}
+            _DEPTHWISE_BACKWARD: 'DhaDepthwiseBackward',
+            _CHANNEL_SUMS: 'DhaChannelSums'}
 
 
 class KernelBuildError(RuntimeError):
@@ -190,3 +199,11 @@ def depthwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array,
       (jax.ShapeDtypeStruct(x.shape, x.dtype),
        jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)))(
            x, kernel, g, **_attributes(stride, dilation, padding))
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[Σ b, Σ a·b] over every axis but the last, for a and b [..., C]
+  float32 of one shape: [2, C], summed in double and rounded to float32."""
+  _require()
+  return jax.ffi.ffi_call(
+      _CHANNEL_SUMS, jax.ShapeDtypeStruct((2, b.shape[-1]), b.dtype))(a, b)

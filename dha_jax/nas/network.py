@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dha_jax.nas import batch_chunks
+from dha_jax.nas import batch_norm as batch_norm_lib
 from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import dense_conv
 from dha_jax.nas import pooling as pooling_lib
@@ -46,10 +47,13 @@ AUX_POOL = 5
 
 
 def batch_norm(train: bool, name: str | None = None,
-               epsilon: float = BN_EPSILON) -> nn.BatchNorm:
-  """Affine BatchNorm, batch statistics in training, running ones else."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=epsilon, name=name)
+               epsilon: float = BN_EPSILON) -> batch_norm_lib.BatchNorm:
+  """Affine BatchNorm, batch statistics in training, running ones else
+  (`nn.BatchNorm`'s function and variables; on CPU its reductions are
+  kernels of our own, `nas/batch_norm.py`)."""
+  return batch_norm_lib.BatchNorm(use_running_average=not train,
+                                  momentum=BN_MOMENTUM, epsilon=epsilon,
+                                  name=name)
 
 
 class ReLUConvBN(nn.Module):
