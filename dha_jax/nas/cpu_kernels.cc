@@ -85,11 +85,18 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, int64_t k,
   return g;
 }
 
-void PadImage(const float* x, float* xp, const Geometry& g) {
+// xp = x padded; with `relu`, max(x, 0) padded.
+void PadImage(const float* x, float* xp, const Geometry& g,
+              bool relu = false) {
   std::memset(xp, 0, sizeof(float) * g.image_pad());
   for (int64_t y = 0; y < g.h; ++y) {
-    std::memcpy(xp + ((y + g.padding) * g.w_pad + g.padding) * g.c,
-                x + y * g.w * g.c, sizeof(float) * g.w * g.c);
+    float* row = xp + ((y + g.padding) * g.w_pad + g.padding) * g.c;
+    const float* in = x + y * g.w * g.c;
+    if (relu) {
+      for (int64_t t = 0; t < g.w * g.c; ++t) row[t] = in[t] > 0.0f ? in[t] : 0.0f;
+    } else {
+      std::memcpy(row, in, sizeof(float) * g.w * g.c);
+    }
   }
 }
 
@@ -98,6 +105,18 @@ void CropImage(const float* xp, float* x, const Geometry& g) {
     std::memcpy(x + y * g.w * g.c,
                 xp + ((y + g.padding) * g.w_pad + g.padding) * g.c,
                 sizeof(float) * g.w * g.c);
+  }
+}
+
+// dx = the unpadded dxp where x > 0, else 0: the cotangent through a ReLU
+// (whose derivative at 0 is 0, as JAX's).
+void CropImageThroughRelu(const float* dxp, const float* x, float* dx,
+                          const Geometry& g) {
+  for (int64_t y = 0; y < g.h; ++y) {
+    const float* in = dxp + ((y + g.padding) * g.w_pad + g.padding) * g.c;
+    const float* xr = x + y * g.w * g.c;
+    float* out = dx + y * g.w * g.c;
+    for (int64_t t = 0; t < g.w * g.c; ++t) out[t] = xr[t] > 0.0f ? in[t] : 0.0f;
   }
 }
 
@@ -312,6 +331,166 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// out[m] = a[m]·b for rows [r0, r1) of a [M, K] and b [K, C], C in vectors
+// of L lanes (C a multiple of L).
+template <typename V, int64_t L>
+void ProductRows(const float* __restrict a, const float* __restrict b,
+                 float* __restrict out, int64_t k, int64_t c, int64_t r0,
+                 int64_t r1) {
+  for (int64_t cb = 0; cb < c; cb += L) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      V o0 = {}, o1 = {}, o2 = {}, o3 = {};
+      const float* a0 = a + r * k;
+      for (int64_t i = 0; i < k; ++i) {
+        const V bv = Load<V>(b + i * c + cb);
+        o0 += a0[i] * bv;
+        o1 += a0[k + i] * bv;
+        o2 += a0[2 * k + i] * bv;
+        o3 += a0[3 * k + i] * bv;
+      }
+      Store<V>(out + r * c + cb, o0);
+      Store<V>(out + (r + 1) * c + cb, o1);
+      Store<V>(out + (r + 2) * c + cb, o2);
+      Store<V>(out + (r + 3) * c + cb, o3);
+    }
+    for (; r < r1; ++r) {
+      V o0 = {};
+      for (int64_t i = 0; i < k; ++i) o0 += a[r * k + i] * Load<V>(b + i * c + cb);
+      Store<V>(out + r * c + cb, o0);
+    }
+  }
+}
+
+// sums[i, :] += Σ_m a[m, i]·b[m, :] over rows [r0, r1) of a [M, K] and
+// b [M, C] (C a multiple of L), float32 over the rows, added to double.
+template <typename V, int64_t L>
+void OuterRows(const float* __restrict a, const float* __restrict b,
+               double* __restrict sums, int64_t k, int64_t c, int64_t r0,
+               int64_t r1) {
+  for (int64_t cb = 0; cb < c; cb += L) {
+    for (int64_t i0 = 0; i0 < k; i0 += 4) {
+      const int64_t n = std::min<int64_t>(4, k - i0);
+      V s[4] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const V bv = Load<V>(b + r * c + cb);
+        const float* ar = a + r * k + i0;
+        for (int64_t j = 0; j < n; ++j) s[j] += ar[j] * bv;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t l = 0; l < L; ++l) {
+          sums[(i0 + j) * c + cb + l] +=
+              static_cast<double>(reinterpret_cast<const float*>(&s[j])[l]);
+        }
+      }
+    }
+  }
+}
+
+// ProductRows over rows [r0, r1), in vectors when C allows.
+void Product(const float* a, const float* b, float* out, int64_t k,
+             int64_t c, int64_t r0, int64_t r1) {
+  if (c % kLanes == 0) {
+    ProductRows<Vec8, kLanes>(a, b, out, k, c, r0, r1);
+  } else {
+    ProductRows<float, 1>(a, b, out, k, c, r0, r1);
+  }
+}
+
+// ReLU → depthwise → pointwise (DARTS' DilConv without its BatchNorm) of
+// one image: d = depthwise(relu(x)) into its scratch, then y = d·pw.
+ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> dw, ffi::Buffer<ffi::F32> pw,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                            int64_t dilation, int64_t padding) {
+  const Geometry g = MakeGeometry(x.dimensions(), dw.dimensions()[0],
+                                  y->dimensions(), stride, dilation, padding);
+  const int64_t c_out = pw.dimensions()[1], pixels = g.h_out * g.w_out;
+  const float* xs = x.typed_data();
+  const float* dws = dw.typed_data();
+  const float* pws = pw.typed_data();
+  float* ys = y->typed_data();
+  const int64_t parts = Parts(pool, g.n);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> xp(g.image_pad()), d(g.image_out());
+    auto [begin, end] = PartRange(g.n, part, parts);
+    for (int64_t n = begin; n < end; ++n) {
+      PadImage(xs + n * g.image(), xp.data(), g, /*relu=*/true);
+      DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, g, xp.data(), dws, d.data(), g);
+      Product(d.data(), pws, ys + n * pixels * c_out, g.c, c_out, 0, pixels);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Its backward pass, one image at a time, in cache: d recomputed from x
+// (cheaper than keeping it: the step is bound by memory, not arithmetic),
+// ∂pw += dᵀ·g, ∂d = g·pwᵀ, then the depthwise conv's ∂x and ∂dw for ∂d, and
+// ∂x through the ReLU.
+ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> dw,
+                             ffi::Buffer<ffi::F32> pw, ffi::Buffer<ffi::F32> gy,
+                             ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> ddw,
+                             ffi::ResultBuffer<ffi::F32> dpw, int64_t stride,
+                             int64_t dilation, int64_t padding) {
+  const Geometry g = MakeGeometry(x.dimensions(), dw.dimensions()[0],
+                                  gy.dimensions(), stride, dilation, padding);
+  const int64_t c_out = pw.dimensions()[1], pixels = g.h_out * g.w_out;
+  const int64_t taps = g.k * g.k * g.c, weights = g.c * c_out;
+  const float* xs = x.typed_data();
+  const float* dws = dw.typed_data();
+  const float* gs = gy.typed_data();
+  float* dxs = dx->typed_data();
+  std::vector<float> pw_t(weights);   // pwᵀ [C_out, C]
+  for (int64_t i = 0; i < g.c; ++i) {
+    for (int64_t j = 0; j < c_out; ++j) {
+      pw_t[j * g.c + i] = pw.typed_data()[i * c_out + j];
+    }
+  }
+  const int64_t parts = Parts(pool, g.n);
+  std::vector<float> dw_partial(parts * taps, 0.0f);
+  std::vector<double> pw_partial(parts * weights, 0.0);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> xp(g.image_pad()), dxp(g.image_pad());
+    std::vector<float> d(g.image_out()), gd(g.image_out());
+    float* dw_part = dw_partial.data() + part * taps;
+    double* pw_part = pw_partial.data() + part * weights;
+    auto [begin, end] = PartRange(g.n, part, parts);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xn = xs + n * g.image();
+      const float* gn = gs + n * pixels * c_out;
+      PadImage(xn, xp.data(), g, /*relu=*/true);
+      DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, g, xp.data(), dws, d.data(), g);
+      if (c_out % kLanes == 0) {
+        OuterRows<Vec8, kLanes>(d.data(), gn, pw_part, g.c, c_out, 0, pixels);
+      } else {
+        OuterRows<float, 1>(d.data(), gn, pw_part, g.c, c_out, 0, pixels);
+      }
+      Product(gn, pw_t.data(), gd.data(), c_out, g.c, 0, pixels);
+      std::memset(dxp.data(), 0, sizeof(float) * g.image_pad());
+      DHA_FOR_CHANNEL_BLOCKS(ScatterImage, g, gd.data(), dws, dxp.data(), g);
+      DHA_FOR_CHANNEL_BLOCKS(KernelGradImage, g, xp.data(), gd.data(),
+                             dw_part, g);
+      CropImageThroughRelu(dxp.data(), xn, dxs + n * g.image(), g);
+    }
+  });
+  float* ddws = ddw->typed_data();
+  float* dpws = dpw->typed_data();
+  std::memset(ddws, 0, sizeof(float) * taps);
+  for (int64_t part = 0; part < parts; ++part) {
+    for (int64_t t = 0; t < taps; ++t) ddws[t] += dw_partial[part * taps + t];
+  }
+  for (int64_t t = 0; t < weights; ++t) {
+    double total = 0.0;
+    for (int64_t part = 0; part < parts; ++part) {
+      total += pw_partial[part * weights + t];
+    }
+    dpws[t] = static_cast<float>(total);
+  }
+  return ffi::Error::Success();
+}
+
 // Rows per float32 block of `ChannelSums`: within a block the float32 sums
 // of a few hundred values lose little; blocks are summed in double.
 constexpr int64_t kRowsPerBlock = 256;
@@ -376,6 +555,33 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaSeparableForward, SeparableForward,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("stride")
+        .Attr<int64_t>("dilation")
+        .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaSeparableBackward, SeparableBackward,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("stride")
+        .Attr<int64_t>("dilation")
+        .Attr<int64_t>("padding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DhaChannelSums, ChannelSums,

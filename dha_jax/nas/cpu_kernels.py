@@ -1,18 +1,23 @@
 """CPU kernels of our own, called through XLA's FFI and compiled on first use.
 
-Two kinds of op are several times slower on XLA:CPU than the memory they
-read allows, and `cpu_kernels.cc` computes them instead:
+XLA:CPU runs these ops several times slower than the memory they read
+allows, or reads and writes their intermediate values to memory;
+`cpu_kernels.cc` computes them instead:
 
 * the depthwise conv: XLA's grouped convolution is slow, and the k² shifted
   multiply-adds that fuse well forward ('shifted' in `nas/depthwise.py`)
   need k² passes over the activations for the kernel gradient and a strided
   interleave for ∂x. The kernels compute the forward conv, ∂x and ∂kernel of
   one image at a time in cache, in one pass, vectorised over channels;
+* DARTS' ReLU → depthwise → pointwise (`nas/separable_conv.py`) as one
+  op per image: its activations never leave the cache, and the backward
+  pass recomputes the depthwise output instead of reading it back. The
+  step is bound by memory traffic, not arithmetic;
 * reductions over the major axes of an [..., C] array (BatchNorm's
   statistics and the sums of its backward pass, `nas/batch_norm.py`): one
   pass, float32 vectors over blocks of rows, double across blocks.
 
-Both split their work over the threads of XLA's intra-op pool.
+All split their work over the threads of XLA's intra-op pool.
 
 **Build.** The source ships with the package. The first call to
 `available()` in a process compiles it with the machine's C++ compiler
@@ -58,9 +63,13 @@ BUILD_TIMEOUT_S = 300
 
 _DEPTHWISE_FORWARD = 'dha_depthwise_forward'
 _DEPTHWISE_BACKWARD = 'dha_depthwise_backward'
+_SEPARABLE_FORWARD = 'dha_separable_forward'
+_SEPARABLE_BACKWARD = 'dha_separable_backward'
 _CHANNEL_SUMS = 'dha_channel_sums'
 _SYMBOLS = {_DEPTHWISE_FORWARD: 'DhaDepthwiseForward',
             _DEPTHWISE_BACKWARD: 'DhaDepthwiseBackward',
+            _SEPARABLE_FORWARD: 'DhaSeparableForward',
+            _SEPARABLE_BACKWARD: 'DhaSeparableBackward',
             _CHANNEL_SUMS: 'DhaChannelSums'}
 
 
@@ -199,6 +208,37 @@ def depthwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array,
       (jax.ShapeDtypeStruct(x.shape, x.dtype),
        jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)))(
            x, kernel, g, **_attributes(stride, dilation, padding))
+
+
+def separable_forward(x: jax.Array, depthwise_kernel: jax.Array,
+                      pointwise_kernel: jax.Array, stride: int,
+                      dilation: int, padding: int, h_out: int, w_out: int
+                      ) -> jax.Array:
+  """ReLU → depthwise → pointwise in one pass: `depthwise_forward` of
+  max(x, 0) with depthwise_kernel [k, k, C], times pointwise_kernel
+  [C, C_out]: [N, h_out, w_out, C_out]."""
+  _require()
+  out = jax.ShapeDtypeStruct(
+      (x.shape[0], h_out, w_out, pointwise_kernel.shape[1]), x.dtype)
+  return jax.ffi.ffi_call(_SEPARABLE_FORWARD, out)(
+      x, depthwise_kernel, pointwise_kernel,
+      **_attributes(stride, dilation, padding))
+
+
+def separable_backward(x: jax.Array, depthwise_kernel: jax.Array,
+                       pointwise_kernel: jax.Array, g: jax.Array,
+                       stride: int, dilation: int, padding: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(∂x, ∂depthwise_kernel, ∂pointwise_kernel) of `separable_forward` for
+  the cotangent g [N, h_out, w_out, C_out]; the depthwise output is
+  recomputed, one image at a time, not kept."""
+  _require()
+  return jax.ffi.ffi_call(
+      _SEPARABLE_BACKWARD,
+      tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+            for a in (x, depthwise_kernel, pointwise_kernel)))(
+                x, depthwise_kernel, pointwise_kernel, g,
+                **_attributes(stride, dilation, padding))
 
 
 def channel_sums(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 
 from dha_jax.nas import batch_chunks
 from dha_jax.nas import batch_norm as batch_norm_lib
-from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import dense_conv
 from dha_jax.nas import pooling as pooling_lib
 from dha_jax.nas import search_space
+from dha_jax.nas import separable_conv
 from dha_jax.nas.search_space import Architecture
 
 BN_MOMENTUM = 0.9   # PyTorch's momentum=0.1 convention, flipped.
@@ -74,9 +74,10 @@ class ReLUConvBN(nn.Module):
 class DilConv(nn.Module):
   """ReLU → depthwise k×k (dilated) → pointwise 1×1 → BN.
 
-  `depthwise` picks the depthwise conv's implementation
-  (`depthwise.IMPLEMENTATIONS`); the parameters are named as with two
-  `nn.Conv`s (Conv_0, Conv_1) whichever it is.
+  The convs are one op (`separable_conv.relu_separable_conv`; on CPU two
+  kernels, forward and backward); `depthwise` picks the depthwise conv's
+  implementation (`depthwise.IMPLEMENTATIONS`). The parameters are named as
+  with two `nn.Conv`s (Conv_0, Conv_1) whichever it is.
   """
   features: int
   kernel: int
@@ -86,12 +87,15 @@ class DilConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    pad = self.dilation * (self.kernel - 1) // 2
-    x = nn.relu(x)
-    x = depthwise_lib.DepthwiseConv(
-        self.kernel, self.stride, self.dilation, pad, self.depthwise,
-        name='Conv_0')(x)
-    x = dense_conv.Conv(self.features, (1, 1), use_bias=False, name='Conv_1')(x)
+    c = x.shape[-1]
+    depthwise_kernel = separable_conv.ConvKernel(
+        (self.kernel, self.kernel, 1, c), name='Conv_0')()
+    pointwise_kernel = separable_conv.ConvKernel(
+        (1, 1, c, self.features), name='Conv_1')()
+    x = separable_conv.relu_separable_conv(
+        x, depthwise_kernel, pointwise_kernel, stride=self.stride,
+        dilation=self.dilation,
+        padding=self.dilation * (self.kernel - 1) // 2, impl=self.depthwise)
     return batch_norm(train)(x)
 
 

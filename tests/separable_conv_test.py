@@ -1,0 +1,87 @@
+"""Tests of `nas/separable_conv.py`: ReLU → depthwise → pointwise as one op."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dha_jax.nas import depthwise
+from dha_jax.nas import separable_conv
+from dha_jax.nas import network
+from tests.depthwise_test import CASES
+
+
+def _reference(x, dw, pw, stride, dilation, padding):
+  """XLA's grouped and dense convs of the ReLU."""
+  d = jax.lax.conv_general_dilated(
+      nn.relu(x), dw, (stride, stride), [(padding, padding)] * 2,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+  return jax.lax.conv_general_dilated(
+      d, pw, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('impl', ['ffi', 'shifted'])
+@pytest.mark.parametrize('k,stride,dilation,size', CASES)
+def test_value_and_gradients_equal_xla_convs_of_the_relu(impl, k, stride,
+                                                         dilation, size):
+  """Channels 11 in, 16 out: the kernels' vectors of 8 and the 3 channels
+  alone; exact zeros in x test the ReLU's derivative at 0 (zero, as JAX's)."""
+  c_in, c_out = 11, 16
+  rng = np.random.default_rng(k * 100 + stride * 10 + dilation)
+  x = rng.normal(size=(3, size, size, c_in)).astype(np.float32)
+  x[0, 0, :3, 0] = 0.0
+  x = jnp.asarray(x)
+  dw = jnp.asarray(rng.normal(size=(k, k, 1, c_in)), jnp.float32)
+  pw = jnp.asarray(rng.normal(size=(1, 1, c_in, c_out)), jnp.float32)
+  padding = dilation * (k - 1) // 2
+  expected = depthwise.output_size(size, k, stride, dilation, padding)
+  cotangent = jnp.asarray(
+      rng.normal(size=(3, expected, expected, c_out)), jnp.float32)
+
+  def grads(fn):
+    def loss(x, dw, pw):
+      y = fn(x, dw, pw)
+      return jnp.vdot(y, cotangent), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2),
+                                      has_aux=True))(x, dw, pw)
+
+  (_, y), g = grads(lambda x, dw, pw: separable_conv.relu_separable_conv(
+      x, dw, pw, stride=stride, dilation=dilation, padding=padding,
+      impl=impl))
+  (_, y_ref), g_ref = grads(lambda x, dw, pw: _reference(
+      x, dw, pw, stride, dilation, padding))
+  assert y.shape == (3, expected, expected, c_out)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+  assert float(jnp.abs(g[0][0, 0, :3, 0]).max()) == 0.0
+
+
+def test_kernel_shapes_are_checked_by_name():
+  with pytest.raises(ValueError, match=r'\[1, 1, 4, C_out\]'):
+    separable_conv.relu_separable_conv(
+        jnp.zeros((1, 5, 5, 4)), jnp.zeros((3, 3, 1, 4)),
+        jnp.zeros((1, 1, 3, 8)), padding=1)
+
+
+def test_dil_conv_has_two_nn_conv_parameters():
+  """DilConv's parameters are those of nn.Conv(feature_group_count=C) and
+  nn.Conv(1×1) at Conv_0 and Conv_1: the same initial values."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3), padding=2, kernel_dilation=2,
+                  feature_group_count=4, use_bias=False)(nn.relu(x))
+      return nn.Conv(8, (1, 1), use_bias=False)(x)
+
+  ours = network.DilConv(8, 3, dilation=2).init(jax.random.key(1), x,
+                                                train=False)
+  ref = Reference().init(jax.random.key(1), x)
+  for name in ('Conv_0', 'Conv_1'):
+    np.testing.assert_array_equal(ours['params'][name]['kernel'],
+                                  ref['params'][name]['kernel'])
