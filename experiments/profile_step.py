@@ -35,6 +35,10 @@ from experiments import benchlib
 
 # (kind, pattern on the op's JAX name stack), first match wins.
 KINDS = (
+    # The sep/dil convs' ReLU → depthwise → pointwise, one op per pass on
+    # CPU (nas/separable_conv.py); composed of XLA ops, the next two kinds.
+    ('ReLU-depthwise-pointwise (sep/dil, CPU kernels)',
+     re.compile(r'DilConv_\d+/ffi_call')),
     ('depthwise conv', re.compile(r'DilConv_\d+/Conv_0/')),
     ('pointwise conv (sep/dil)', re.compile(r'DilConv_\d+/Conv_1/')),
     ('BatchNorm', re.compile(r'BatchNorm')),

@@ -16,9 +16,12 @@ from tests.tiny import assert_same_network_function
 from tests.tiny import tiny_config
 
 # (kernel, stride, dilation, size): every (k, s, d) that DARTS' sep/dil convs
-# use, on even and odd sizes (odd strided sizes test the last window).
+# use, on even and odd sizes (odd strided sizes test the last window); k = 7
+# (MobileNet) and an even k, which the 'ffi' kernels compute with their
+# loops for any k.
 CASES = [(3, 1, 1, 8), (5, 1, 1, 8), (3, 2, 1, 8), (5, 2, 1, 7),
-         (3, 1, 2, 8), (5, 1, 2, 9), (3, 2, 2, 7), (5, 2, 2, 8)]
+         (3, 1, 2, 8), (5, 1, 2, 9), (3, 2, 2, 7), (5, 2, 2, 8),
+         (7, 2, 1, 9), (4, 1, 1, 8)]
 OTHER_IMPLS = ('shifted', 'block_diagonal', 'ffi')
 
 

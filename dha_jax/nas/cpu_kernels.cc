@@ -59,6 +59,14 @@ inline void Store(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// sums[0, L) += v, in double.
+template <typename V, int64_t L>
+inline void AddTo(double* sums, V v) {
+  float lanes[L];
+  std::memcpy(lanes, &v, sizeof(V));
+  for (int64_t l = 0; l < L; ++l) sums[l] += static_cast<double>(lanes[l]);
+}
+
 struct Geometry {
   int64_t n, h, w, c;      // input
   int64_t k;               // kernel size
@@ -108,16 +116,11 @@ void CropImage(const float* xp, float* x, const Geometry& g) {
   }
 }
 
-// dx = the unpadded dxp where x > 0, else 0: the cotangent through a ReLU
-// (whose derivative at 0 is 0, as JAX's).
-void CropImageThroughRelu(const float* dxp, const float* x, float* dx,
-                          const Geometry& g) {
-  for (int64_t y = 0; y < g.h; ++y) {
-    const float* in = dxp + ((y + g.padding) * g.w_pad + g.padding) * g.c;
-    const float* xr = x + y * g.w * g.c;
-    float* out = dx + y * g.w * g.c;
-    for (int64_t t = 0; t < g.w * g.c; ++t) out[t] = xr[t] > 0.0f ? in[t] : 0.0f;
-  }
+// dx = 0 where x ≤ 0: the cotangent through a ReLU (whose derivative at 0
+// is 0, as JAX's).
+void MaskThroughRelu(const float* __restrict x, float* __restrict dx,
+                     int64_t size) {
+  for (int64_t t = 0; t < size; ++t) dx[t] = x[t] > 0.0f ? dx[t] : 0.0f;
 }
 
 // y of one image for the channels [c0, c1) in steps of the lanes of V.
@@ -190,7 +193,7 @@ void ScatterImage(const float* __restrict gy, const float* __restrict w,
   }
 }
 
-// ∂w += one image's sum, channels [c0, c1).
+// ∂w += one image's sum, channels [c0, c1), for any k: one tap at a time.
 template <typename V, int64_t L>
 void KernelGradImage(const float* __restrict xp, const float* __restrict gy,
                      float* __restrict dw, const Geometry& g, int64_t c0,
@@ -220,6 +223,54 @@ void KernelGradImage(const float* __restrict xp, const float* __restrict gy,
         Store<V>(out, Load<V>(out) + ((a0 + a1) + (a2 + a3)));
       }
     }
+  }
+}
+
+// The same for k = K known when compiling: a row of K taps at once, each
+// cotangent vector loaded once for its K products, two outputs at a time
+// (2K accumulators in registers).
+template <typename V, int64_t L, int64_t K>
+void KernelGradImageK(const float* __restrict xp, const float* __restrict gy,
+                      float* __restrict dw, const Geometry& g, int64_t c0,
+                      int64_t c1) {
+  const int64_t c = g.c, step = g.stride * c, tap = g.dilation * c;
+  for (int64_t i = 0; i < K; ++i) {
+    for (int64_t cb = c0; cb < c1; cb += L) {
+      V a[K] = {}, b[K] = {};
+      for (int64_t oy = 0; oy < g.h_out; ++oy) {
+        const float* xr =
+            xp + (g.stride * oy + g.dilation * i) * g.w_pad * c + cb;
+        const float* gr = gy + oy * g.w_out * c + cb;
+        int64_t ox = 0;
+        for (; ox + 2 <= g.w_out; ox += 2) {
+          const V g0 = Load<V>(gr + ox * c), g1 = Load<V>(gr + (ox + 1) * c);
+          const float* x0 = xr + ox * step;
+          for (int64_t j = 0; j < K; ++j) {
+            a[j] += Load<V>(x0 + j * tap) * g0;
+            b[j] += Load<V>(x0 + step + j * tap) * g1;
+          }
+        }
+        for (; ox < g.w_out; ++ox) {
+          const V g0 = Load<V>(gr + ox * c);
+          for (int64_t j = 0; j < K; ++j) a[j] += Load<V>(xr + ox * step + j * tap) * g0;
+        }
+      }
+      for (int64_t j = 0; j < K; ++j) {
+        float* out = dw + (i * K + j) * c + cb;
+        Store<V>(out, Load<V>(out) + (a[j] + b[j]));
+      }
+    }
+  }
+}
+
+template <typename V, int64_t L>
+void KernelGrad(const float* xp, const float* gy, float* dw,
+                const Geometry& g, int64_t c0, int64_t c1) {
+  switch (g.k) {
+    case 3: return KernelGradImageK<V, L, 3>(xp, gy, dw, g, c0, c1);
+    case 5: return KernelGradImageK<V, L, 5>(xp, gy, dw, g, c0, c1);
+    case 7: return KernelGradImageK<V, L, 7>(xp, gy, dw, g, c0, c1);
+    default: return KernelGradImage<V, L>(xp, gy, dw, g, c0, c1);
   }
 }
 
@@ -273,6 +324,64 @@ int64_t Parts(ffi::ThreadPool& pool, int64_t n) {
     if (vec_end < (g).c) kernel<float, 1>(__VA_ARGS__, vec_end, (g).c); \
   } while (0)
 
+// The geometry of ∂x as a stride-1 correlation of the cotangent: the
+// cotangent [h_out, w_out] padded by d(k − 1) − p, correlated with the
+// flipped kernel, gives ∂x [h, w].
+Geometry TransposedGeometry(const Geometry& g) {
+  const int64_t reach = g.dilation * (g.k - 1);
+  Geometry t{g.n, g.h_out, g.w_out, g.c, g.k, g.h, g.w, 1, g.dilation,
+             reach - g.padding, 0, 0};
+  t.h_pad = std::max(t.h + 2 * t.padding, t.h_out + reach);
+  t.w_pad = std::max(t.w + 2 * t.padding, t.w_out + reach);
+  return t;
+}
+
+// ∂x of one image for the cotangent gd [h_out, w_out, C]. Stride 1: the
+// correlation of the padded cotangent with the flipped kernel, each output
+// accumulated in registers (`CorrelateImage`); strided: each cotangent
+// scattered into the padded ∂x (`ScatterImage`), then cropped. Scratch
+// buffers are the caller's, one per thread.
+class DepthwiseInputGrad {
+ public:
+  DepthwiseInputGrad(const Geometry& g, const float* w)
+      : g_(g), t_(TransposedGeometry(g)), w_(w),
+        gather_(g.stride == 1 && t_.padding >= 0) {
+    if (gather_) {
+      flipped_.resize(g.k * g.k * g.c);
+      for (int64_t i = 0; i < g.k; ++i) {
+        for (int64_t j = 0; j < g.k; ++j) {
+          std::memcpy(flipped_.data() + (i * g.k + j) * g.c,
+                      w + ((g.k - 1 - i) * g.k + (g.k - 1 - j)) * g.c,
+                      sizeof(float) * g.c);
+        }
+      }
+    }
+  }
+
+  // Scratch floats per thread.
+  int64_t scratch_size() const {
+    return gather_ ? t_.image_pad() : g_.image_pad();
+  }
+
+  void operator()(const float* gd, float* dx, float* scratch) const {
+    if (gather_) {
+      PadImage(gd, scratch, t_);
+      DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, t_, scratch, flipped_.data(), dx,
+                             t_);
+    } else {
+      std::memset(scratch, 0, sizeof(float) * g_.image_pad());
+      DHA_FOR_CHANNEL_BLOCKS(ScatterImage, g_, gd, w_, scratch, g_);
+      CropImage(scratch, dx, g_);
+    }
+  }
+
+ private:
+  Geometry g_, t_;
+  const float* w_;
+  bool gather_;
+  std::vector<float> flipped_;
+};
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                    int64_t stride, int64_t dilation, int64_t padding) {
@@ -307,20 +416,19 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* gs = gy.typed_data();
   float* dxs = dx->typed_data();
   const int64_t parts = Parts(pool, g.n);
+  const DepthwiseInputGrad input_grad(g, ws);
   // One partial ∂w per part, summed in a fixed order: the result does not
   // depend on which thread ran which part.
   std::vector<float> partial(parts * taps, 0.0f);
   ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<float> xp(g.image_pad()), dxp(g.image_pad());
+    std::vector<float> xp(g.image_pad()), scratch(input_grad.scratch_size());
     float* dw_part = partial.data() + part * taps;
     auto [begin, end] = PartRange(g.n, part, parts);
     for (int64_t n = begin; n < end; ++n) {
       const float* gn = gs + n * g.image_out();
       PadImage(xs + n * g.image(), xp.data(), g);
-      std::memset(dxp.data(), 0, sizeof(float) * g.image_pad());
-      DHA_FOR_CHANNEL_BLOCKS(ScatterImage, g, gn, ws, dxp.data(), g);
-      DHA_FOR_CHANNEL_BLOCKS(KernelGradImage, g, xp.data(), gn, dw_part, g);
-      CropImage(dxp.data(), dxs + n * g.image(), g);
+      input_grad(gn, dxs + n * g.image(), scratch.data());
+      DHA_FOR_CHANNEL_BLOCKS(KernelGrad, g, xp.data(), gn, dw_part, g);
     }
   });
   float* dws = dw->typed_data();
@@ -368,21 +476,29 @@ template <typename V, int64_t L>
 void OuterRows(const float* __restrict a, const float* __restrict b,
                double* __restrict sums, int64_t k, int64_t c, int64_t r0,
                int64_t r1) {
+  // Four rows of the sum at a time, in four named accumulators (an array
+  // indexed by a runtime count would live in memory), then one at a time.
   for (int64_t cb = 0; cb < c; cb += L) {
-    for (int64_t i0 = 0; i0 < k; i0 += 4) {
-      const int64_t n = std::min<int64_t>(4, k - i0);
-      V s[4] = {};
+    int64_t i0 = 0;
+    for (; i0 + 4 <= k; i0 += 4) {
+      V s0 = {}, s1 = {}, s2 = {}, s3 = {};
       for (int64_t r = r0; r < r1; ++r) {
         const V bv = Load<V>(b + r * c + cb);
         const float* ar = a + r * k + i0;
-        for (int64_t j = 0; j < n; ++j) s[j] += ar[j] * bv;
+        s0 += ar[0] * bv;
+        s1 += ar[1] * bv;
+        s2 += ar[2] * bv;
+        s3 += ar[3] * bv;
       }
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t l = 0; l < L; ++l) {
-          sums[(i0 + j) * c + cb + l] +=
-              static_cast<double>(reinterpret_cast<const float*>(&s[j])[l]);
-        }
-      }
+      AddTo<V, L>(sums + i0 * c + cb, s0);
+      AddTo<V, L>(sums + (i0 + 1) * c + cb, s1);
+      AddTo<V, L>(sums + (i0 + 2) * c + cb, s2);
+      AddTo<V, L>(sums + (i0 + 3) * c + cb, s3);
+    }
+    for (; i0 < k; ++i0) {
+      V s0 = {};
+      for (int64_t r = r0; r < r1; ++r) s0 += a[r * k + i0] * Load<V>(b + r * c + cb);
+      AddTo<V, L>(sums + i0 * c + cb, s0);
     }
   }
 }
@@ -449,10 +565,11 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
   }
   const int64_t parts = Parts(pool, g.n);
+  const DepthwiseInputGrad input_grad(g, dws);
   std::vector<float> dw_partial(parts * taps, 0.0f);
   std::vector<double> pw_partial(parts * weights, 0.0);
   ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<float> xp(g.image_pad()), dxp(g.image_pad());
+    std::vector<float> xp(g.image_pad()), scratch(input_grad.scratch_size());
     std::vector<float> d(g.image_out()), gd(g.image_out());
     float* dw_part = dw_partial.data() + part * taps;
     double* pw_part = pw_partial.data() + part * weights;
@@ -460,6 +577,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t n = begin; n < end; ++n) {
       const float* xn = xs + n * g.image();
       const float* gn = gs + n * pixels * c_out;
+      float* dxn = dxs + n * g.image();
       PadImage(xn, xp.data(), g, /*relu=*/true);
       DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, g, xp.data(), dws, d.data(), g);
       if (c_out % kLanes == 0) {
@@ -468,11 +586,9 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         OuterRows<float, 1>(d.data(), gn, pw_part, g.c, c_out, 0, pixels);
       }
       Product(gn, pw_t.data(), gd.data(), c_out, g.c, 0, pixels);
-      std::memset(dxp.data(), 0, sizeof(float) * g.image_pad());
-      DHA_FOR_CHANNEL_BLOCKS(ScatterImage, g, gd.data(), dws, dxp.data(), g);
-      DHA_FOR_CHANNEL_BLOCKS(KernelGradImage, g, xp.data(), gd.data(),
-                             dw_part, g);
-      CropImageThroughRelu(dxp.data(), xn, dxs + n * g.image(), g);
+      input_grad(gd.data(), dxn, scratch.data());
+      DHA_FOR_CHANNEL_BLOCKS(KernelGrad, g, xp.data(), gd.data(), dw_part, g);
+      MaskThroughRelu(xn, dxn, g.image());
     }
   });
   float* ddws = ddw->typed_data();
@@ -516,12 +632,8 @@ void SumRows(const float* __restrict a, const float* __restrict b,
       s0 += b0;
       p0 += Load<V>(a + r * c + cb) * b0;
     }
-    const V s = s0 + s1, p = p0 + p1;
-    for (int64_t l = 0; l < L; ++l) {
-      sums[cb + l] += static_cast<double>(reinterpret_cast<const float*>(&s)[l]);
-      sums[c + cb + l] +=
-          static_cast<double>(reinterpret_cast<const float*>(&p)[l]);
-    }
+    AddTo<V, L>(sums + cb, s0 + s1);
+    AddTo<V, L>(sums + c + cb, p0 + p1);
   }
 }
 
