@@ -111,9 +111,13 @@ def get_config() -> ml_collections.ConfigDict:
   # residual layer (stochastic depth).
   config.model.drop_path_prob = 0.0
   # Implementation of the depthwise convs of sep/dil convs: 'grouped'
-  # (feature_group_count, fastest on GPU/TPU), 'shifted' (k² shifted
-  # multiply-adds, fastest on CPU) or 'block_diagonal' (a dense conv);
-  # 'auto' picks by backend (dha_jax/nas/depthwise.py). The same function and parameters whichever
+  # (feature_group_count, fastest on GPU/TPU), 'ffi' (CPU kernels of our
+  # own, compiled on first use with the machine's C++ compiler; the sep/dil
+  # convs' ReLU-depthwise-pointwise then runs as one kernel), 'shifted' (k²
+  # shifted multiply-adds, the fastest XLA form on CPU) or 'block_diagonal'
+  # (a dense conv); 'auto' picks 'grouped' on GPU/TPU, on CPU 'ffi' in a
+  # one-device process when the kernels build, else 'shifted'
+  # (dha_jax/nas/depthwise.py). The same function and parameters whichever
   # is chosen.
   config.model.depthwise = 'auto'
   # Implementation of the DARTS space's 3×3 max and average pools:

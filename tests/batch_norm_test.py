@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from dha_jax.nas import batch_norm
-from dha_jax.nas import cpu_kernels
 
 MOMENTUM, EPSILON = 0.9, 1e-5
 
@@ -28,10 +27,14 @@ def _inputs(shape, seed=0):
   return x, g
 
 
+@pytest.mark.parametrize('kernels', [True, False])
 @pytest.mark.parametrize('shape', [(3, 5, 5, 11), (4, 8), (2, 6, 6, 32)])
-def test_training_forward_backward_and_statistics_equal_flax(shape):
-  """Channels 11: a vector of 8 and 3 alone in the kernel; 2-D and 4-D."""
-  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+def test_training_forward_backward_and_statistics_equal_flax(request, kernels,
+                                                             shape):
+  """With the CPU kernels (channels 11: a vector of 8 and 3 alone) and
+  without (jnp); 2-D and 4-D."""
+  if kernels:
+    request.getfixturevalue('kernels_preferred')
   x, g = _inputs(shape)
   ours, flax_bn = _pair(train=True)
   variables = flax_bn.init(jax.random.key(0), x)
@@ -72,7 +75,7 @@ def test_evaluation_uses_the_running_statistics_as_flax():
                              flax_bn.apply(variables, x), rtol=1e-6)
 
 
-def test_the_statistics_cotangents_reach_x():
+def test_the_statistics_cotangents_reach_x(kernels_preferred):
   """The custom backward pass also carries cotangents of μ and σ² (zero in
   the network, where only y is differentiated): ∂μ/∂x = 1/M,
   ∂σ²/∂x = 2(x − μ)/M, as autodiff of the jnp form gives."""

@@ -5,6 +5,8 @@ XLA_FLAGS must be set before JAX initialises its backend, hence here.
 
 import os
 
+import pytest
+
 os.environ.setdefault('XLA_FLAGS',
                       '--xla_force_host_platform_device_count=2')
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(__file__)), '.jax_cache')
@@ -21,3 +23,12 @@ def pytest_collection_modifyitems(items):
   """Slow tests first: a worker that draws a long test group late would
   otherwise finish alone, long after the other (pytest -n 2)."""
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
+@pytest.fixture
+def kernels_preferred(monkeypatch):
+  """The CPU kernels in use by default, as in a process with one device
+  (the tests run with two, where the networks use XLA's forms)."""
+  from dha_jax.nas import cpu_kernels
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  monkeypatch.setattr(cpu_kernels, 'preferred', lambda: True)

@@ -95,7 +95,9 @@ def test_module_has_nn_conv_parameters_and_output():
 
 
 def test_resolve_by_backend():
-  assert depthwise.resolve('auto', 'cpu') == 'ffi'   # this machine has g++
+  # The tests' process has two devices: an FFI call would run on the whole
+  # batch on each, so 'auto' keeps the form XLA partitions.
+  assert depthwise.resolve('auto', 'cpu') == 'shifted'
   assert depthwise.resolve('auto', 'gpu') == 'grouped'
   assert depthwise.resolve('auto', 'tpu') == 'grouped'
   assert depthwise.resolve('block_diagonal', 'cpu') == 'block_diagonal'
@@ -108,9 +110,15 @@ def test_resolve_by_backend():
     depthwise.resolve('ffi', 'gpu')
 
 
+def test_auto_is_ffi_where_the_kernels_are_preferred(kernels_preferred):
+  assert depthwise.resolve('auto', 'cpu') == 'ffi'
+  assert depthwise.resolve('auto', 'gpu') == 'grouped'
+
+
 def test_without_cpu_kernels_auto_is_shifted_and_ffi_an_error(monkeypatch):
   reason = 'no C++ compiler: (test)'
   monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
+  monkeypatch.setattr(cpu_kernels, 'preferred', lambda: False)
   monkeypatch.setattr(cpu_kernels, 'unavailable_reason', lambda: reason)
   assert depthwise.resolve('auto', 'cpu') == 'shifted'
   with pytest.raises(ValueError, match=r'no C\+\+ compiler.*model.depthwise'):

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dha_jax.nas import cpu_kernels
 from dha_jax.nas import depthwise
-from dha_jax.nas import separable_conv
 from dha_jax.nas import network
+from dha_jax.nas import search_space as ss
+from dha_jax.nas import separable_conv
 from tests.depthwise_test import CASES
 
 
@@ -85,3 +87,33 @@ def test_dil_conv_has_two_nn_conv_parameters():
   for name in ('Conv_0', 'Conv_1'):
     np.testing.assert_array_equal(ours['params'][name]['kernel'],
                                   ref['params'][name]['kernel'])
+
+
+def test_network_with_the_kernels_is_the_network_of_xla_ops(monkeypatch):
+  """Training mode, the DARTS-V2 child network with its auxiliary head: as
+  a one-device process runs it (the sep/dil convs, depthwise convs and
+  BatchNorm sums as CPU kernels) and in XLA's forms (what the tests' two
+  devices run): the same logits, batch statistics and gradients."""
+  arch = ss.genotype_architecture(ss.DARTS_V2)
+  x = jax.random.uniform(jax.random.key(3), (4, 8, 8, 3))
+  model = network.DARTSNetwork(10, 4, 3, auxiliary=True)
+  variables = model.init({'params': jax.random.key(0)}, x, arch, train=True)
+
+  def run():
+    def loss(params):
+      (logits, aux), updates = model.apply(
+          {**variables, 'params': params}, x, arch, train=True,
+          mutable=['batch_stats'])
+      return jnp.sum(logits ** 2) + jnp.sum(aux ** 2), (logits, updates)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables['params'])
+
+  (_, (logits_ref, stats_ref)), grads_ref = run()
+  monkeypatch.setattr(cpu_kernels, 'preferred', lambda: True)
+  (_, (logits, stats)), grads = run()
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves((stats, grads)),
+                  jax.tree.leaves((stats_ref, grads_ref))):
+    # Float32 rounding, to the scale of each leaf.
+    np.testing.assert_allclose(a, b, rtol=1e-3,
+                               atol=1e-4 * max(1.0, float(np.abs(b).max())))

@@ -14,11 +14,11 @@ everything elementwise stays in XLA, where it fuses with its neighbours:
   backward  x̂ = (x − μ) / √(σ² + ε),  Σg, Σg·x̂ (one pass over x and g)
             ∂β = Σg,  ∂γ = Σg·x̂,  ∂x = a·(g − Σg / M − x̂·Σg·x̂ / M)
 
-with M = N·H·W and g the cotangent of y. Batch statistics are those of the
-device's own batch, as `nn.BatchNorm` without `axis_name` (the network's
-BatchNorms are not synchronised across devices). Elsewhere than on CPU, for
-dtypes other than float32, or when the kernels are not available, it
-computes exactly what `nn.BatchNorm` computes, in jnp.
+with M = N·H·W and g the cotangent of y. Where the kernels are not preferred
+(`cpu_kernels.preferred`: not the CPU, several devices, or no kernels built),
+and for dtypes other than float32, it computes what `nn.BatchNorm` computes,
+in jnp; either way the statistics are over the whole batch the step sees
+(under the data-parallel step, the global batch).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from dha_jax.nas import cpu_kernels
 
 
 def _uses_kernels(x: jax.Array) -> bool:
-  return (x.dtype == jnp.float32 and jax.default_backend() == 'cpu'
-          and cpu_kernels.available())
+  return x.dtype == jnp.float32 and cpu_kernels.preferred()
 
 
 def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -32,9 +32,12 @@ The build is written to a temporary file and renamed into place, so
 processes that build at once (pytest workers, the hosts of one job) never
 load a half-written library. It takes a few seconds, once per machine.
 
-**Without a compiler** (or when the build fails) `available()` is False and
-`unavailable_reason()` says why; `model.depthwise = 'auto'` then uses the
-pure-XLA 'shifted' form, and an explicit 'ffi' raises with that reason.
+**When they are used.** By default (`preferred()`) on the CPU backend of a
+process that sees one device: an FFI call cannot be split over a sharded
+batch. **Without a compiler** (or when the build fails) `available()` is
+False and `unavailable_reason()` says why; `model.depthwise = 'auto'` then
+uses the pure-XLA 'shifted' form, BatchNorm XLA's reductions, and an
+explicit 'ffi' raises with that reason.
 """
 
 from __future__ import annotations
@@ -157,6 +160,20 @@ def _load() -> ctypes.CDLL | KernelBuildError:
 def available() -> bool:
   """Whether the kernels are built and registered (builds them once)."""
   return not isinstance(_load(), KernelBuildError)
+
+
+def preferred() -> bool:
+  """Whether the networks use the kernels by default ('auto'): the CPU
+  backend, one device in all, and the kernels built.
+
+  With several devices (forced host devices, several processes) the step
+  is one program over a sharded batch, and XLA's partitioner, which cannot
+  split an FFI call, gathers its operands and runs it on the whole batch on
+  every device: the values stay right, the data parallelism is lost. There
+  the pure-XLA forms, which it partitions, are used.
+  """
+  return (jax.default_backend() == 'cpu' and jax.device_count() == 1
+          and available())
 
 
 def unavailable_reason() -> str | None:

@@ -32,8 +32,8 @@ implementations compute the same function:
                     accumulated in registers; ∂kernel needs no k² passes.
                     Only the unpadded input is kept for the backward pass.
 
-'auto' picks 'grouped' on GPU/TPU; on CPU 'ffi' when its kernels build, else
-'shifted'. At the shapes of the speed comparison 'ffi''s forward + backward
+'auto' picks 'grouped' on GPU/TPU; on CPU 'ffi' when its kernels build and
+the process has one device (`cpu_kernels.preferred`), else 'shifted'. At the shapes of the speed comparison 'ffi''s forward + backward
 is 2-7x as fast as 'shifted''s, which was 1.6x as fast as
 'block_diagonal''s in the step (experiments/RESULTS.md, 'Step time against
 the official code').
@@ -277,16 +277,18 @@ def _warn_without_kernels() -> None:
 
 def resolve(impl: str, backend: str | None = None) -> str:
   """The implementation that `impl` ('auto' or a name) stands for on
-  `backend` (default: JAX's); 'auto' on CPU builds the kernels of 'ffi' on
-  its first call and says once (a logged warning) when it cannot."""
+  `backend` (default: JAX's). 'auto' on CPU is 'ffi' in a process with one
+  device (`cpu_kernels.preferred`; it builds the kernels on its first call
+  and says once, a logged warning, when it cannot), else 'shifted'."""
   check_implementation(impl, backend)
   if impl != 'auto':
     return impl
   if (backend or jax.default_backend()) != 'cpu':
     return 'grouped'
-  if cpu_kernels.available():
+  if cpu_kernels.preferred():
     return 'ffi'
-  _warn_without_kernels()
+  if jax.device_count() == 1:
+    _warn_without_kernels()
   return 'shifted'
 
 
