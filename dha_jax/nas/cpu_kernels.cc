@@ -668,61 +668,30 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DhaSeparableForward, SeparableForward,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<int64_t>("stride")
-        .Attr<int64_t>("dilation")
-        .Attr<int64_t>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DhaSeparableBackward, SeparableBackward,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<int64_t>("stride")
-        .Attr<int64_t>("dilation")
-        .Attr<int64_t>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DhaChannelSums, ChannelSums,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>());
+// The FFI bindings: XLA's intra-op pool, the float32 operands, the float32
+// results, then (convs) stride, dilation and padding.
+#define DHA_F32 ffi::Buffer<ffi::F32>
+#define DHA_CONV_ATTRIBUTES \
+  .Attr<int64_t>("stride").Attr<int64_t>("dilation").Attr<int64_t>("padding")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DhaDepthwiseForward, Forward,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<int64_t>("stride")
-        .Attr<int64_t>("dilation")
-        .Attr<int64_t>("padding"));
-
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Ret<DHA_F32>() DHA_CONV_ATTRIBUTES);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DhaDepthwiseBackward, Backward,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<int64_t>("stride")
-        .Attr<int64_t>("dilation")
-        .Attr<int64_t>("padding"));
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Arg<DHA_F32>().Ret<DHA_F32>().Ret<DHA_F32>() DHA_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaSeparableForward, SeparableForward,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Arg<DHA_F32>().Ret<DHA_F32>() DHA_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaSeparableBackward, SeparableBackward,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Arg<DHA_F32>().Arg<DHA_F32>().Ret<DHA_F32>().Ret<DHA_F32>()
+        .Ret<DHA_F32>() DHA_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaChannelSums, ChannelSums,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Ret<DHA_F32>());
