@@ -36,6 +36,7 @@ from dha_jax.nas import depthwise as depthwise_lib
 from dha_jax.nas import dense_conv
 from dha_jax.nas import mobilenet_space
 from dha_jax.nas import network
+from dha_jax.nas import op_weights
 from dha_jax.nas.mobilenet_space import LayerSpec, NetworkPlan
 from dha_jax.nas.search_space import Architecture, NodeSupport
 
@@ -100,9 +101,9 @@ class SearchableLayer(nn.Module):
       if op == mobilenet_space.ZERO:
         continue
       kernel, expansion = mobilenet_space.MBCONV_SHAPES[op]
-      h = alphas[k] * MBConv(self.spec.features, kernel, expansion,
-                             self.spec.stride, self.depthwise, name=op)(
-                                 x, train)
+      h = op_weights.weight_output(alphas[k], MBConv(
+          self.spec.features, kernel, expansion, self.spec.stride,
+          self.depthwise, name=op)(x, train))
       branch = h if branch is None else branch + h
     if branch is None:
       if not self.spec.residual:

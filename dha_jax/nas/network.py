@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from dha_jax.nas import batch_chunks
 from dha_jax.nas import batch_norm as batch_norm_lib
 from dha_jax.nas import dense_conv
+from dha_jax.nas import op_weights
 from dha_jax.nas import pooling as pooling_lib
 from dha_jax.nas import search_space
 from dha_jax.nas import separable_conv
@@ -208,7 +209,7 @@ class Cell(nn.Module):
         is_identity = op == 'skip_connect' and stride == 1
         if train and not is_identity and drop_path_rate is not None:
           h = drop_path(h, drop_path_rate, self.make_rng('dropout'))
-        node = node + alphas[i][k] * h
+        node = node + op_weights.weight_output(alphas[i][k], h)
       states.append(node)
     return batch_chunks.concatenate_channels(states[2:])
 
