@@ -33,8 +33,9 @@ implementations compute the same function:
                     Only the unpadded input is kept for the backward pass.
 
 'auto' picks 'grouped' on GPU/TPU; on CPU 'ffi' when its kernels build and
-the process has one device (`cpu_kernels.preferred`), else 'shifted'. At the shapes of the speed comparison 'ffi''s forward + backward
-is 2-7x as fast as 'shifted''s, which was 1.6x as fast as
+the process has one device (`cpu_kernels.preferred`), else 'shifted'. At
+the shapes of the speed comparison 'ffi''s forward + backward is several
+times as fast as 'shifted''s, which was 1.6x as fast as
 'block_diagonal''s in the step (experiments/RESULTS.md, 'Step time against
 the official code').
 All take the kernel in the layout of
