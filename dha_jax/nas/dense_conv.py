@@ -39,7 +39,8 @@ from jax import lax
 from dha_jax.nas import batch_chunks
 from dha_jax.nas import windows
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+# The layouts of every conv here: NHWC activations, HWIO kernels.
+NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Contract the channel axis of x [P, C_in] with w [C_in, C_out].
 _CHANNELS = (((1,), (0,)), ((), ()))
 # Contract images and positions of two [N, H, W, ·] arrays: [·, ·].
@@ -58,7 +59,7 @@ def _zero_padding(padding: str | Sequence[tuple[int, int]]) -> bool:
 def _is_nhwc(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
              dimension_numbers: Any) -> bool:
   return (lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-          == lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC))
+          == lax.conv_dimension_numbers(lhs_shape, rhs_shape, NHWC))
 
 
 def _ones(dilation: Sequence[int] | None) -> bool:
@@ -145,7 +146,7 @@ def _convolve(x: jax.Array, w: jax.Array, stride: int, dilation: int,
               padding: Padding, precision: Any) -> jax.Array:
   return lax.conv_general_dilated(
       x, w, (stride, stride), padding, rhs_dilation=(dilation, dilation),
-      dimension_numbers=_NHWC, precision=precision)
+      dimension_numbers=NHWC, precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

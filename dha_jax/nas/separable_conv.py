@@ -35,8 +35,6 @@ from dha_jax.nas import cpu_kernels
 from dha_jax.nas import dense_conv
 from dha_jax.nas import depthwise
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _kernels(x: jax.Array, depthwise_kernel: jax.Array,
@@ -104,7 +102,7 @@ def relu_separable_conv(x: jax.Array, depthwise_kernel: jax.Array,
   d = depthwise.depthwise_conv(nn.relu(x), depthwise_kernel, stride=stride,
                                dilation=dilation, padding=padding, impl=impl)
   return dense_conv.conv_general_dilated(d, pointwise_kernel, (1, 1), 'VALID',
-                                         dimension_numbers=_NHWC)
+                                         dimension_numbers=dense_conv.NHWC)
 
 
 class ConvKernel(nn.Module):
