@@ -39,6 +39,9 @@ KINDS = (
     # CPU (nas/separable_conv.py); composed of XLA ops, the next two kinds.
     ('ReLU-depthwise-pointwise (sep/dil, CPU kernels)',
      re.compile(r'DilConv_\d+/ffi_call')),
+    # The cells' ReLU → 1×1 conv preprocessing as one op on CPU.
+    ('ReLU-pointwise (preprocessing, CPU kernels)',
+     re.compile(r'pre\d/ffi_call')),
     ('depthwise conv', re.compile(r'DilConv_\d+/Conv_0/')),
     ('pointwise conv (sep/dil)', re.compile(r'DilConv_\d+/Conv_1/')),
     ('BatchNorm', re.compile(r'BatchNorm')),

@@ -1,4 +1,4 @@
-"""Tests of `nas/separable_conv.py`: ReLU → depthwise → pointwise as one op."""
+"""Tests of `nas/separable_conv.py`: ReLU → (depthwise →) pointwise as one op."""
 
 import flax.linen as nn
 import jax
@@ -63,11 +63,67 @@ def test_value_and_gradients_equal_xla_convs_of_the_relu(impl, k, stride,
   assert float(jnp.abs(g[0][0, 0, :3, 0]).max()) == 0.0
 
 
+@pytest.mark.parametrize('c_in,c_out,rows', [(11, 16, 7), (24, 12, 13),
+                                              (32, 8, 16), (5, 3, 5)])
+def test_relu_pointwise_kernels_equal_the_xla_product_of_the_relu(
+    kernels_preferred, c_in, c_out, rows):
+  """Input and output channels on either side of the kernels' vectors of 8
+  and their tiles (8 or 16 columns, 4 or 8 rows), N·H·W rows not a multiple
+  of a tile; exact zeros in x test the ReLU's derivative at 0."""
+  rng = np.random.default_rng(c_in * 100 + c_out)
+  x = rng.normal(size=(2, rows, 9, c_in)).astype(np.float32)
+  x[0, 0, :3, 0] = 0.0
+  x = jnp.asarray(x)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, c_in, c_out)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, rows, 9, c_out)), jnp.float32)
+
+  def grads(fn):
+    def loss(x, kernel):
+      y = fn(x, kernel)
+      return jnp.vdot(y, cotangent), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                      has_aux=True))(x, kernel)
+
+  (_, y), g = grads(separable_conv.relu_pointwise_conv)
+  (_, y_ref), g_ref = grads(lambda x, kernel: jax.lax.conv_general_dilated(
+      nn.relu(x), kernel, (1, 1), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  assert y.shape == (2, rows, 9, c_out)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  assert float(jnp.abs(g[0][0, 0, :3, 0]).max()) == 0.0
+
+
+def test_relu_conv_bn_has_the_nn_conv_parameter(kernels_preferred):
+  """ReLUConvBN's 1×1 conv (the kernels' op) keeps nn.Conv's parameter at
+  Conv_0: the same initial values and output."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (1, 1), use_bias=False)(nn.relu(x))
+      return network.batch_norm(False)(x)
+
+  ours = network.ReLUConvBN(8, 1)
+  variables = ours.init(jax.random.key(1), x, train=False)
+  ref = Reference().init(jax.random.key(1), x)
+  np.testing.assert_array_equal(variables['params']['Conv_0']['kernel'],
+                                ref['params']['Conv_0']['kernel'])
+  np.testing.assert_allclose(ours.apply(variables, x, train=False),
+                             Reference().apply(ref, x), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_kernel_shapes_are_checked_by_name():
   with pytest.raises(ValueError, match=r'\[1, 1, 4, C_out\]'):
     separable_conv.relu_separable_conv(
         jnp.zeros((1, 5, 5, 4)), jnp.zeros((3, 3, 1, 4)),
         jnp.zeros((1, 1, 3, 8)), padding=1)
+  with pytest.raises(ValueError, match=r'\[1, 1, 4, C_out\]'):
+    separable_conv.relu_pointwise_conv(jnp.zeros((1, 5, 5, 4)),
+                                       jnp.zeros((1, 1, 3, 8)))
 
 
 def test_dil_conv_has_two_nn_conv_parameters():

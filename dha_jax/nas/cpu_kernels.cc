@@ -93,6 +93,11 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, int64_t k,
   return g;
 }
 
+// out = max(x, 0) for `size` values.
+void Relu(const float* __restrict x, float* __restrict out, int64_t size) {
+  for (int64_t t = 0; t < size; ++t) out[t] = x[t] > 0.0f ? x[t] : 0.0f;
+}
+
 // xp = x padded; with `relu`, max(x, 0) padded.
 void PadImage(const float* x, float* xp, const Geometry& g,
               bool relu = false) {
@@ -101,7 +106,7 @@ void PadImage(const float* x, float* xp, const Geometry& g,
     float* row = xp + ((y + g.padding) * g.w_pad + g.padding) * g.c;
     const float* in = x + y * g.w * g.c;
     if (relu) {
-      for (int64_t t = 0; t < g.w * g.c; ++t) row[t] = in[t] > 0.0f ? in[t] : 0.0f;
+      Relu(in, row, g.w * g.c);
     } else {
       std::memcpy(row, in, sizeof(float) * g.w * g.c);
     }
@@ -123,9 +128,10 @@ void MaskThroughRelu(const float* __restrict x, float* __restrict dx,
   for (int64_t t = 0; t < size; ++t) dx[t] = x[t] > 0.0f ? dx[t] : 0.0f;
 }
 
-// y of one image for the channels [c0, c1) in steps of the lanes of V.
+// y of one image for the channels [c0, c1) in steps of the lanes of V, for
+// any k, stride and dilation: four outputs at a time.
 template <typename V, int64_t L>
-void CorrelateImage(const float* __restrict xp, const float* __restrict w,
+void CorrelateImageAny(const float* __restrict xp, const float* __restrict w,
                     float* __restrict y, const Geometry& g, int64_t c0,
                     int64_t c1) {
   const int64_t c = g.c, step = g.stride * c, tap_col = g.dilation * c;
@@ -168,9 +174,98 @@ void CorrelateImage(const float* __restrict xp, const float* __restrict w,
   }
 }
 
-// ∂xp of one image (added to its zeroed scratch), channels [c0, c1).
+// Outputs per block of the kernels below for K taps a row: their
+// accumulators, K kernel vectors and one input vector fill the 16 vector
+// registers of AVX2 at K = 7.
+template <int64_t K>
+constexpr int64_t OutputsPerBlock() { return K <= 5 ? 8 : 4; }
+
+// y of one image as `CorrelateImageAny`, for k = K, stride S and dilation D
+// known when compiling. A block of O outputs of a row reads, per row of
+// taps, the S·(O − 1) + D·(K − 1) + 1 input vectors it spans once each and
+// adds each into every output whose window holds it (the loops unroll into
+// straight code), with the row's K kernel vectors in registers: about half
+// the loads of one load per multiply-add, and O independent accumulators.
+template <typename V, int64_t L, int64_t K, int64_t S, int64_t D>
+void CorrelateImageK(const float* __restrict xp, const float* __restrict w,
+                     float* __restrict y, const Geometry& g, int64_t c0,
+                     int64_t c1) {
+  constexpr int64_t O = OutputsPerBlock<K>();
+  constexpr int64_t span = S * (O - 1) + D * (K - 1) + 1;
+  const int64_t c = g.c, row_stride = g.w_pad * c;
+  for (int64_t oy = 0; oy < g.h_out; ++oy) {
+    const float* row = xp + S * oy * row_stride;
+    float* out = y + oy * g.w_out * c;
+    for (int64_t cb = c0; cb < c1; cb += L) {
+      int64_t ox = 0;
+      for (; ox + O <= g.w_out; ox += O) {
+        V acc[O] = {};
+        for (int64_t i = 0; i < K; ++i) {
+          const float* xr = row + D * i * row_stride + S * ox * c + cb;
+          V wv[K];
+#pragma GCC unroll 8
+          for (int64_t j = 0; j < K; ++j) wv[j] = Load<V>(w + (i * K + j) * c + cb);
+#pragma GCC unroll 32
+          for (int64_t t = 0; t < span; ++t) {
+            const V xv = Load<V>(xr + t * c);
+#pragma GCC unroll 8
+            for (int64_t o = 0; o < O; ++o) {
+              const int64_t u = t - S * o;
+              if (u >= 0 && u % D == 0 && u / D < K) acc[o] += xv * wv[u / D];
+            }
+          }
+        }
+        for (int64_t o = 0; o < O; ++o) Store<V>(out + (ox + o) * c + cb, acc[o]);
+      }
+      for (; ox < g.w_out; ++ox) {
+        V a0 = {};
+        for (int64_t i = 0; i < K; ++i) {
+          const float* xr = row + D * i * row_stride + S * ox * c + cb;
+          for (int64_t j = 0; j < K; ++j) {
+            a0 += Load<V>(xr + D * j * c) * Load<V>(w + (i * K + j) * c + cb);
+          }
+        }
+        Store<V>(out + ox * c + cb, a0);
+      }
+    }
+  }
+}
+
+// Calls kernel<V, L, K, S, D> for k ∈ {3, 5, 7}, stride and dilation ∈
+// {1, 2} (every depthwise conv of the DARTS and MobileNet spaces and their
+// stride-1 input gradients), else generic(...).
+#define DHA_DISPATCH_KSD(g, kernel, generic, ...)                      \
+  do {                                                                \
+    const int64_t key = (g).k * 100 + (g).stride * 10 + (g).dilation; \
+    switch (key) {                                                    \
+      case 311: return kernel<V, L, 3, 1, 1>(__VA_ARGS__);            \
+      case 312: return kernel<V, L, 3, 1, 2>(__VA_ARGS__);            \
+      case 321: return kernel<V, L, 3, 2, 1>(__VA_ARGS__);            \
+      case 322: return kernel<V, L, 3, 2, 2>(__VA_ARGS__);            \
+      case 511: return kernel<V, L, 5, 1, 1>(__VA_ARGS__);            \
+      case 512: return kernel<V, L, 5, 1, 2>(__VA_ARGS__);            \
+      case 521: return kernel<V, L, 5, 2, 1>(__VA_ARGS__);            \
+      case 522: return kernel<V, L, 5, 2, 2>(__VA_ARGS__);            \
+      case 711: return kernel<V, L, 7, 1, 1>(__VA_ARGS__);            \
+      case 712: return kernel<V, L, 7, 1, 2>(__VA_ARGS__);            \
+      case 721: return kernel<V, L, 7, 2, 1>(__VA_ARGS__);            \
+      case 722: return kernel<V, L, 7, 2, 2>(__VA_ARGS__);            \
+      default: return generic<V, L>(__VA_ARGS__);                     \
+    }                                                                 \
+  } while (0)
+
 template <typename V, int64_t L>
-void ScatterImage(const float* __restrict gy, const float* __restrict w,
+void CorrelateImage(const float* xp, const float* w, float* y,
+                    const Geometry& g, int64_t c0, int64_t c1) {
+  DHA_DISPATCH_KSD(g, CorrelateImageK, CorrelateImageAny, xp, w, y, g, c0,
+                   c1);
+}
+
+// ∂xp of one image (added to its zeroed scratch), channels [c0, c1). Not
+// inlined: inside the separable backward pass GCC then kept its strides on
+// the stack and the loop ran 1.4x slower.
+template <typename V, int64_t L>
+__attribute__((noinline)) void ScatterImage(const float* __restrict gy, const float* __restrict w,
                   float* __restrict dxp, const Geometry& g, int64_t c0,
                   int64_t c1) {
   const int64_t c = g.c, step = g.stride * c;
@@ -226,38 +321,52 @@ void KernelGradImage(const float* __restrict xp, const float* __restrict gy,
   }
 }
 
-// The same for k = K known when compiling: a row of K taps at once, each
-// cotangent vector loaded once for its K products, two outputs at a time
-// (2K accumulators in registers).
-template <typename V, int64_t L, int64_t K>
+// The same for k = K, stride S and dilation D known when compiling: a row
+// of K taps at once. A block of O outputs (4; 2 when strided, whose windows
+// share fewer inputs) loads its O cotangent vectors and the input vectors
+// its windows span once each; even and odd outputs add into two sets of K
+// accumulators (2K independent chains).
+template <typename V, int64_t L, int64_t K, int64_t S, int64_t D>
 void KernelGradImageK(const float* __restrict xp, const float* __restrict gy,
                       float* __restrict dw, const Geometry& g, int64_t c0,
                       int64_t c1) {
-  const int64_t c = g.c, step = g.stride * c, tap = g.dilation * c;
+  constexpr int64_t O = S == 1 ? 4 : 2;
+  constexpr int64_t span = S * (O - 1) + D * (K - 1) + 1;
+  const int64_t c = g.c;
   for (int64_t i = 0; i < K; ++i) {
     for (int64_t cb = c0; cb < c1; cb += L) {
-      V a[K] = {}, b[K] = {};
+      V a[2][K] = {};
       for (int64_t oy = 0; oy < g.h_out; ++oy) {
-        const float* xr =
-            xp + (g.stride * oy + g.dilation * i) * g.w_pad * c + cb;
+        const float* xr = xp + (S * oy + D * i) * g.w_pad * c + cb;
         const float* gr = gy + oy * g.w_out * c + cb;
         int64_t ox = 0;
-        for (; ox + 2 <= g.w_out; ox += 2) {
-          const V g0 = Load<V>(gr + ox * c), g1 = Load<V>(gr + (ox + 1) * c);
-          const float* x0 = xr + ox * step;
-          for (int64_t j = 0; j < K; ++j) {
-            a[j] += Load<V>(x0 + j * tap) * g0;
-            b[j] += Load<V>(x0 + step + j * tap) * g1;
+        for (; ox + O <= g.w_out; ox += O) {
+          V gv[O];
+#pragma GCC unroll 8
+          for (int64_t o = 0; o < O; ++o) gv[o] = Load<V>(gr + (ox + o) * c);
+          const float* x0 = xr + S * ox * c;
+#pragma GCC unroll 32
+          for (int64_t t = 0; t < span; ++t) {
+            const V xv = Load<V>(x0 + t * c);
+#pragma GCC unroll 8
+            for (int64_t o = 0; o < O; ++o) {
+              const int64_t u = t - S * o;
+              if (u >= 0 && u % D == 0 && u / D < K) {
+                a[o % 2][u / D] += xv * gv[o];
+              }
+            }
           }
         }
         for (; ox < g.w_out; ++ox) {
           const V g0 = Load<V>(gr + ox * c);
-          for (int64_t j = 0; j < K; ++j) a[j] += Load<V>(xr + ox * step + j * tap) * g0;
+          for (int64_t j = 0; j < K; ++j) {
+            a[0][j] += Load<V>(xr + (S * ox + D * j) * c) * g0;
+          }
         }
       }
       for (int64_t j = 0; j < K; ++j) {
         float* out = dw + (i * K + j) * c + cb;
-        Store<V>(out, Load<V>(out) + (a[j] + b[j]));
+        Store<V>(out, Load<V>(out) + (a[0][j] + a[1][j]));
       }
     }
   }
@@ -266,12 +375,8 @@ void KernelGradImageK(const float* __restrict xp, const float* __restrict gy,
 template <typename V, int64_t L>
 void KernelGrad(const float* xp, const float* gy, float* dw,
                 const Geometry& g, int64_t c0, int64_t c1) {
-  switch (g.k) {
-    case 3: return KernelGradImageK<V, L, 3>(xp, gy, dw, g, c0, c1);
-    case 5: return KernelGradImageK<V, L, 5>(xp, gy, dw, g, c0, c1);
-    case 7: return KernelGradImageK<V, L, 7>(xp, gy, dw, g, c0, c1);
-    default: return KernelGradImage<V, L>(xp, gy, dw, g, c0, c1);
-  }
+  DHA_DISPATCH_KSD(g, KernelGradImageK, KernelGradImage, xp, gy, dw, g, c0,
+                   c1);
 }
 
 // Runs fn(0), ..., fn(parts − 1) on the intra-op pool and the calling
@@ -439,68 +544,99 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// out[m] = a[m]·b for rows [r0, r1) of a [M, K] and b [K, C], C in vectors
-// of L lanes (C a multiple of L).
-template <typename V, int64_t L>
-void ProductRows(const float* __restrict a, const float* __restrict b,
-                 float* __restrict out, int64_t k, int64_t c, int64_t r0,
-                 int64_t r1) {
-  for (int64_t cb = 0; cb < c; cb += L) {
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) {
-      V o0 = {}, o1 = {}, o2 = {}, o3 = {};
-      const float* a0 = a + r * k;
-      for (int64_t i = 0; i < k; ++i) {
-        const V bv = Load<V>(b + i * c + cb);
-        o0 += a0[i] * bv;
-        o1 += a0[k + i] * bv;
-        o2 += a0[2 * k + i] * bv;
-        o3 += a0[3 * k + i] * bv;
-      }
-      Store<V>(out + r * c + cb, o0);
-      Store<V>(out + (r + 1) * c + cb, o1);
-      Store<V>(out + (r + 2) * c + cb, o2);
-      Store<V>(out + (r + 3) * c + cb, o3);
+// Accumulators per tile of the products below: a chain of multiply-adds
+// into one accumulator waits for each result (4-5 cycles), so eight
+// independent chains keep a core's two FMA units busy.
+constexpr int64_t kTile = 8;
+
+// out[r, cb:cb + NV·L] = a[r]·b[:, cb:cb + NV·L] for the R rows from r0 of
+// a [M, K] and b [K, C]: R·NV accumulators in registers.
+template <typename V, int64_t L, int64_t R, int64_t NV>
+inline void ProductTile(const float* __restrict a, const float* __restrict b,
+                        float* __restrict out, int64_t k, int64_t c,
+                        int64_t r0, int64_t cb) {
+  V o[R][NV] = {};
+  const float* ar = a + r0 * k;
+  for (int64_t i = 0; i < k; ++i) {
+    V bv[NV];
+    for (int64_t v = 0; v < NV; ++v) bv[v] = Load<V>(b + i * c + cb + v * L);
+    for (int64_t r = 0; r < R; ++r) {
+      const float s = ar[r * k + i];
+      for (int64_t v = 0; v < NV; ++v) o[r][v] += s * bv[v];
     }
-    for (; r < r1; ++r) {
-      V o0 = {};
-      for (int64_t i = 0; i < k; ++i) o0 += a[r * k + i] * Load<V>(b + i * c + cb);
-      Store<V>(out + r * c + cb, o0);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t v = 0; v < NV; ++v) {
+      Store<V>(out + (r0 + r) * c + cb + v * L, o[r][v]);
     }
   }
 }
 
-// sums[i, :] += Σ_m a[m, i]·b[m, :] over rows [r0, r1) of a [M, K] and
-// b [M, C] (C a multiple of L), float32 over the rows, added to double.
+template <typename V, int64_t L, int64_t NV>
+void ProductColumns(const float* a, const float* b, float* out, int64_t k,
+                    int64_t c, int64_t r0, int64_t r1, int64_t cb) {
+  constexpr int64_t R = kTile / NV;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) ProductTile<V, L, R, NV>(a, b, out, k, c, r, cb);
+  for (; r < r1; ++r) ProductTile<V, L, 1, NV>(a, b, out, k, c, r, cb);
+}
+
+// out[m] = a[m]·b for rows [r0, r1) of a [M, K] and b [K, C], C in vectors
+// of L lanes (C a multiple of L), two vectors of columns at a time.
 template <typename V, int64_t L>
-void OuterRows(const float* __restrict a, const float* __restrict b,
-               double* __restrict sums, int64_t k, int64_t c, int64_t r0,
-               int64_t r1) {
-  // Four rows of the sum at a time, in four named accumulators (an array
-  // indexed by a runtime count would live in memory), then one at a time.
-  for (int64_t cb = 0; cb < c; cb += L) {
-    int64_t i0 = 0;
-    for (; i0 + 4 <= k; i0 += 4) {
-      V s0 = {}, s1 = {}, s2 = {}, s3 = {};
-      for (int64_t r = r0; r < r1; ++r) {
-        const V bv = Load<V>(b + r * c + cb);
-        const float* ar = a + r * k + i0;
-        s0 += ar[0] * bv;
-        s1 += ar[1] * bv;
-        s2 += ar[2] * bv;
-        s3 += ar[3] * bv;
-      }
-      AddTo<V, L>(sums + i0 * c + cb, s0);
-      AddTo<V, L>(sums + (i0 + 1) * c + cb, s1);
-      AddTo<V, L>(sums + (i0 + 2) * c + cb, s2);
-      AddTo<V, L>(sums + (i0 + 3) * c + cb, s3);
-    }
-    for (; i0 < k; ++i0) {
-      V s0 = {};
-      for (int64_t r = r0; r < r1; ++r) s0 += a[r * k + i0] * Load<V>(b + r * c + cb);
-      AddTo<V, L>(sums + i0 * c + cb, s0);
+void ProductRows(const float* a, const float* b, float* out, int64_t k,
+                 int64_t c, int64_t r0, int64_t r1) {
+  int64_t cb = 0;
+  for (; cb + 2 * L <= c; cb += 2 * L) {
+    ProductColumns<V, L, 2>(a, b, out, k, c, r0, r1, cb);
+  }
+  for (; cb < c; cb += L) ProductColumns<V, L, 1>(a, b, out, k, c, r0, r1, cb);
+}
+
+// sums[i0 + i, cb:cb + NV·L] += Σ_m a[m, i0 + i]·b[m, cb:cb + NV·L] for
+// i < I over rows [r0, r1): I·NV accumulators, float32 over the rows, then
+// added to double.
+template <typename V, int64_t L, int64_t I, int64_t NV>
+inline void OuterTile(const float* __restrict a, const float* __restrict b,
+                      double* __restrict sums, int64_t k, int64_t c,
+                      int64_t r0, int64_t r1, int64_t i0, int64_t cb) {
+  V s[I][NV] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    V bv[NV];
+    for (int64_t v = 0; v < NV; ++v) bv[v] = Load<V>(b + r * c + cb + v * L);
+    for (int64_t i = 0; i < I; ++i) {
+      const float x = a[r * k + i0 + i];
+      for (int64_t v = 0; v < NV; ++v) s[i][v] += x * bv[v];
     }
   }
+  for (int64_t i = 0; i < I; ++i) {
+    for (int64_t v = 0; v < NV; ++v) {
+      AddTo<V, L>(sums + (i0 + i) * c + cb + v * L, s[i][v]);
+    }
+  }
+}
+
+template <typename V, int64_t L, int64_t NV>
+void OuterColumns(const float* a, const float* b, double* sums, int64_t k,
+                  int64_t c, int64_t r0, int64_t r1, int64_t cb) {
+  constexpr int64_t I = kTile / NV;
+  int64_t i0 = 0;
+  for (; i0 + I <= k; i0 += I) {
+    OuterTile<V, L, I, NV>(a, b, sums, k, c, r0, r1, i0, cb);
+  }
+  for (; i0 < k; ++i0) OuterTile<V, L, 1, NV>(a, b, sums, k, c, r0, r1, i0, cb);
+}
+
+// sums[i, :] += Σ_m a[m, i]·b[m, :] over rows [r0, r1) of a [M, K] and
+// b [M, C] (C a multiple of L), two vectors of columns at a time.
+template <typename V, int64_t L>
+void OuterRows(const float* a, const float* b, double* sums, int64_t k,
+               int64_t c, int64_t r0, int64_t r1) {
+  int64_t cb = 0;
+  for (; cb + 2 * L <= c; cb += 2 * L) {
+    OuterColumns<V, L, 2>(a, b, sums, k, c, r0, r1, cb);
+  }
+  for (; cb < c; cb += L) OuterColumns<V, L, 1>(a, b, sums, k, c, r0, r1, cb);
 }
 
 // ProductRows over rows [r0, r1), in vectors when C allows.
@@ -510,6 +646,38 @@ void Product(const float* a, const float* b, float* out, int64_t k,
     ProductRows<Vec8, kLanes>(a, b, out, k, c, r0, r1);
   } else {
     ProductRows<float, 1>(a, b, out, k, c, r0, r1);
+  }
+}
+
+// OuterRows over rows [r0, r1), in vectors when C allows.
+void Outer(const float* a, const float* b, double* sums, int64_t k,
+           int64_t c, int64_t r0, int64_t r1) {
+  if (c % kLanes == 0) {
+    OuterRows<Vec8, kLanes>(a, b, sums, k, c, r0, r1);
+  } else {
+    OuterRows<float, 1>(a, b, sums, k, c, r0, r1);
+  }
+}
+
+// wᵀ [C_out, C] of w [C, C_out].
+std::vector<float> Transposed(const float* w, int64_t c, int64_t c_out) {
+  std::vector<float> t(c * c_out);
+  for (int64_t i = 0; i < c; ++i) {
+    for (int64_t j = 0; j < c_out; ++j) t[j * c + i] = w[i * c_out + j];
+  }
+  return t;
+}
+
+// Σ over parts of partial [parts, size] (double) into out (float32), in
+// the parts' order.
+void SumParts(const std::vector<double>& partial, int64_t parts,
+              int64_t size, float* out) {
+  for (int64_t t = 0; t < size; ++t) {
+    double total = 0.0;
+    for (int64_t part = 0; part < parts; ++part) {
+      total += partial[part * size + t];
+    }
+    out[t] = static_cast<float>(total);
   }
 }
 
@@ -558,12 +726,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* dws = dw.typed_data();
   const float* gs = gy.typed_data();
   float* dxs = dx->typed_data();
-  std::vector<float> pw_t(weights);   // pwᵀ [C_out, C]
-  for (int64_t i = 0; i < g.c; ++i) {
-    for (int64_t j = 0; j < c_out; ++j) {
-      pw_t[j * g.c + i] = pw.typed_data()[i * c_out + j];
-    }
-  }
+  const std::vector<float> pw_t = Transposed(pw.typed_data(), g.c, c_out);
   const int64_t parts = Parts(pool, g.n);
   const DepthwiseInputGrad input_grad(g, dws);
   std::vector<float> dw_partial(parts * taps, 0.0f);
@@ -580,11 +743,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       float* dxn = dxs + n * g.image();
       PadImage(xn, xp.data(), g, /*relu=*/true);
       DHA_FOR_CHANNEL_BLOCKS(CorrelateImage, g, xp.data(), dws, d.data(), g);
-      if (c_out % kLanes == 0) {
-        OuterRows<Vec8, kLanes>(d.data(), gn, pw_part, g.c, c_out, 0, pixels);
-      } else {
-        OuterRows<float, 1>(d.data(), gn, pw_part, g.c, c_out, 0, pixels);
-      }
+      Outer(d.data(), gn, pw_part, g.c, c_out, 0, pixels);
       Product(gn, pw_t.data(), gd.data(), c_out, g.c, 0, pixels);
       input_grad(gd.data(), dxn, scratch.data());
       DHA_FOR_CHANNEL_BLOCKS(KernelGrad, g, xp.data(), gd.data(), dw_part, g);
@@ -597,13 +756,71 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t part = 0; part < parts; ++part) {
     for (int64_t t = 0; t < taps; ++t) ddws[t] += dw_partial[part * taps + t];
   }
-  for (int64_t t = 0; t < weights; ++t) {
-    double total = 0.0;
-    for (int64_t part = 0; part < parts; ++part) {
-      total += pw_partial[part * weights + t];
+  SumParts(pw_partial, parts, weights, dpws);
+  return ffi::Error::Success();
+}
+
+// Rows per block of the ReLU → 1×1 conv kernels: a block of the input, its
+// ReLU and the cotangent stay in the core's L1 cache.
+constexpr int64_t kPointwiseRows = 128;
+
+// ReLU → 1×1 conv (DARTS' ReLU-Conv-BN preprocessing without its
+// BatchNorm): y[m] = max(x[m], 0)·w for the rows m of x [M, C] and
+// w [C, C_out], a block of rows at a time.
+ffi::Error ReluPointwiseForward(ffi::ThreadPool pool,
+                                ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> w,
+                                ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t c = w.dimensions()[0], c_out = w.dimensions()[1];
+  const int64_t rows = c == 0 ? 0 : x.element_count() / c;
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  const int64_t parts =
+      Parts(pool, (rows + kPointwiseRows - 1) / kPointwiseRows);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> a(kPointwiseRows * c);
+    auto [begin, end] = PartRange(rows, part, parts);
+    for (int64_t r0 = begin; r0 < end; r0 += kPointwiseRows) {
+      const int64_t n = std::min(end - r0, kPointwiseRows);
+      Relu(xs + r0 * c, a.data(), n * c);
+      Product(a.data(), ws, ys + r0 * c_out, c, c_out, 0, n);
     }
-    dpws[t] = static_cast<float>(total);
-  }
+  });
+  return ffi::Error::Success();
+}
+
+// Its backward pass, a block of rows at a time: ∂w = Σ max(x, 0)ᵀ·g (the
+// ReLU recomputed), ∂x = g·wᵀ, zero where x ≤ 0.
+ffi::Error ReluPointwiseBackward(ffi::ThreadPool pool,
+                                 ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> w,
+                                 ffi::Buffer<ffi::F32> gy,
+                                 ffi::ResultBuffer<ffi::F32> dx,
+                                 ffi::ResultBuffer<ffi::F32> dw) {
+  const int64_t c = w.dimensions()[0], c_out = w.dimensions()[1];
+  const int64_t rows = c == 0 ? 0 : x.element_count() / c;
+  const float* xs = x.typed_data();
+  const float* gs = gy.typed_data();
+  float* dxs = dx->typed_data();
+  const std::vector<float> w_t = Transposed(w.typed_data(), c, c_out);
+  const int64_t parts =
+      Parts(pool, (rows + kPointwiseRows - 1) / kPointwiseRows);
+  std::vector<double> partial(parts * c * c_out, 0.0);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> a(kPointwiseRows * c);
+    double* sums = partial.data() + part * c * c_out;
+    auto [begin, end] = PartRange(rows, part, parts);
+    for (int64_t r0 = begin; r0 < end; r0 += kPointwiseRows) {
+      const int64_t n = std::min(end - r0, kPointwiseRows);
+      const float* gn = gs + r0 * c_out;
+      Relu(xs + r0 * c, a.data(), n * c);
+      Outer(a.data(), gn, sums, c, c_out, 0, n);
+      Product(gn, w_t.data(), dxs + r0 * c, c_out, c, 0, n);
+      MaskThroughRelu(xs + r0 * c, dxs + r0 * c, n * c);
+    }
+  });
+  SumParts(partial, parts, c * c_out, dw->typed_data());
   return ffi::Error::Success();
 }
 
@@ -691,6 +908,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
         .Arg<DHA_F32>().Arg<DHA_F32>().Ret<DHA_F32>().Ret<DHA_F32>()
         .Ret<DHA_F32>() DHA_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaReluPointwiseForward, ReluPointwiseForward,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Ret<DHA_F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DhaReluPointwiseBackward, ReluPointwiseBackward,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()
+        .Arg<DHA_F32>().Ret<DHA_F32>().Ret<DHA_F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DhaChannelSums, ChannelSums,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<DHA_F32>().Arg<DHA_F32>()

@@ -13,6 +13,9 @@ allows, or reads and writes their intermediate values to memory;
   op per image: its activations never leave the cache, and the backward
   pass recomputes the depthwise output instead of reading it back. The
   step is bound by memory traffic, not arithmetic;
+* ReLU → 1×1 conv (the preprocessing of DARTS' cells), the same way a
+  block of rows at a time: XLA writes the ReLU's output to memory for its
+  matrix product and keeps it for the backward pass;
 * reductions over the major axes of an [..., C] array (BatchNorm's
   statistics and the sums of its backward pass, `nas/batch_norm.py`): one
   pass, float32 vectors over blocks of rows, double across blocks.
@@ -68,11 +71,15 @@ _DEPTHWISE_FORWARD = 'dha_depthwise_forward'
 _DEPTHWISE_BACKWARD = 'dha_depthwise_backward'
 _SEPARABLE_FORWARD = 'dha_separable_forward'
 _SEPARABLE_BACKWARD = 'dha_separable_backward'
+_RELU_POINTWISE_FORWARD = 'dha_relu_pointwise_forward'
+_RELU_POINTWISE_BACKWARD = 'dha_relu_pointwise_backward'
 _CHANNEL_SUMS = 'dha_channel_sums'
 _SYMBOLS = {_DEPTHWISE_FORWARD: 'DhaDepthwiseForward',
             _DEPTHWISE_BACKWARD: 'DhaDepthwiseBackward',
             _SEPARABLE_FORWARD: 'DhaSeparableForward',
             _SEPARABLE_BACKWARD: 'DhaSeparableBackward',
+            _RELU_POINTWISE_FORWARD: 'DhaReluPointwiseForward',
+            _RELU_POINTWISE_BACKWARD: 'DhaReluPointwiseBackward',
             _CHANNEL_SUMS: 'DhaChannelSums'}
 
 
@@ -256,6 +263,25 @@ def separable_backward(x: jax.Array, depthwise_kernel: jax.Array,
             for a in (x, depthwise_kernel, pointwise_kernel)))(
                 x, depthwise_kernel, pointwise_kernel, g,
                 **_attributes(stride, dilation, padding))
+
+
+def relu_pointwise_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """max(x, 0) · kernel over the channel axis, a block of rows at a time:
+  x [..., C] and kernel [C, C_out] float32 → [..., C_out]."""
+  _require()
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[1],), x.dtype)
+  return jax.ffi.ffi_call(_RELU_POINTWISE_FORWARD, out)(x, kernel)
+
+
+def relu_pointwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+  """(∂x, ∂kernel) of `relu_pointwise_forward` for the cotangent g
+  [..., C_out]; the ReLU is recomputed from x, not kept."""
+  _require()
+  return jax.ffi.ffi_call(
+      _RELU_POINTWISE_BACKWARD,
+      (jax.ShapeDtypeStruct(x.shape, x.dtype),
+       jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)))(x, kernel, g)
 
 
 def channel_sums(a: jax.Array, b: jax.Array) -> jax.Array:

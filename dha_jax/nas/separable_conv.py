@@ -1,4 +1,4 @@
-"""ReLU → depthwise k×k → pointwise 1×1: the convs of DARTS' DilConv as one op.
+"""ReLU → (depthwise k×k →) pointwise 1×1: DARTS' ReLU-led convs as one op.
 
 Every sep and dil conv of the DARTS space is ReLU → depthwise conv →
 pointwise conv → BatchNorm (`network.DilConv`; a sep conv is two). Composed
@@ -21,6 +21,12 @@ that work one image at a time in cache (`cpu_kernels.separable_forward`,
 With any other implementation it is the composition of `nn.relu`,
 `depthwise.depthwise_conv` and `dense_conv.conv_general_dilated`, the same
 function up to float32 rounding (tests/separable_conv_test.py).
+
+`relu_pointwise_conv` is the same for ReLU → 1×1 conv (the ReLU-Conv-BN
+that preprocesses each cell's inputs): where the kernels are preferred
+(`cpu_kernels.preferred`) two kernels that work a block of rows at a time,
+so that the ReLU's output is neither written for the product nor kept for
+the backward pass; elsewhere `nn.relu` and `dense_conv`'s 1×1 conv.
 """
 
 from __future__ import annotations
@@ -102,6 +108,39 @@ def relu_separable_conv(x: jax.Array, depthwise_kernel: jax.Array,
   d = depthwise.depthwise_conv(nn.relu(x), depthwise_kernel, stride=stride,
                                dilation=dilation, padding=padding, impl=impl)
   return dense_conv.conv_general_dilated(d, pointwise_kernel, (1, 1), 'VALID',
+                                         dimension_numbers=dense_conv.NHWC)
+
+
+@jax.custom_vjp
+def _relu_pointwise_kernels(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return cpu_kernels.relu_pointwise_forward(x, kernel[0, 0])
+
+
+def _relu_pointwise_kernels_forward(x, kernel):
+  return _relu_pointwise_kernels(x, kernel), (x, kernel)
+
+
+def _relu_pointwise_kernels_backward(residuals, g):
+  x, kernel = residuals
+  grad_x, grad_kernel = cpu_kernels.relu_pointwise_backward(x, kernel[0, 0],
+                                                            g)
+  return grad_x, grad_kernel.reshape(kernel.shape)
+
+
+_relu_pointwise_kernels.defvjp(_relu_pointwise_kernels_forward,
+                               _relu_pointwise_kernels_backward)
+
+
+def relu_pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """max(x, 0) · kernel over channels: x [N, H, W, C], kernel
+  [1, 1, C, C_out] (`nn.Conv`'s) → [N, H, W, C_out]."""
+  c = x.shape[-1]
+  if kernel.shape[:3] != (1, 1, c):
+    raise ValueError(f'for {c} input channels the kernel is '
+                     f'[1, 1, {c}, C_out], got {kernel.shape}')
+  if (x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.preferred()):
+    return _relu_pointwise_kernels(x, kernel)
+  return dense_conv.conv_general_dilated(nn.relu(x), kernel, (1, 1), 'VALID',
                                          dimension_numbers=dense_conv.NHWC)
 
 
