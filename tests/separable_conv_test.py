@@ -116,6 +116,35 @@ def test_relu_conv_bn_has_the_nn_conv_parameter(kernels_preferred):
                              atol=1e-6)
 
 
+@pytest.mark.parametrize('size', [6, 7])
+def test_factorized_reduce_is_two_strided_nn_convs_of_the_relu(
+    kernels_preferred, size):
+  """FactorizedReduce: the parameters (Conv_0, Conv_1), initial values and
+  output of nn.Conv's strided 1×1 convs of the ReLU and of its shifted
+  copy, even and odd sizes."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(x)
+      shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
+      a = nn.Conv(3, (1, 1), strides=2, use_bias=False)(x)
+      b = nn.Conv(4, (1, 1), strides=2, use_bias=False)(shifted)
+      return network.batch_norm(False)(jnp.concatenate([a, b], axis=-1))
+
+  ours = network.FactorizedReduce(7)
+  variables = ours.init(jax.random.key(1), x, train=False)
+  ref = Reference().init(jax.random.key(1), x)
+  for name in ('Conv_0', 'Conv_1'):
+    np.testing.assert_array_equal(variables['params'][name]['kernel'],
+                                  ref['params'][name]['kernel'])
+  y = ours.apply(variables, x, train=False)
+  assert y.shape == (2, (size + 1) // 2, (size + 1) // 2, 7)
+  np.testing.assert_allclose(y, Reference().apply(ref, x), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_kernel_shapes_are_checked_by_name():
   with pytest.raises(ValueError, match=r'\[1, 1, 4, C_out\]'):
     separable_conv.relu_separable_conv(

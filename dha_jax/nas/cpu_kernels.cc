@@ -760,9 +760,15 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// Rows per block of the ReLU → 1×1 conv kernels: a block of the input, its
-// ReLU and the cotangent stay in the core's L1 cache.
-constexpr int64_t kPointwiseRows = 128;
+// Input floats per block of rows of the ReLU → 1×1 conv kernels (16 KiB):
+// a block's ReLU stays in the core's L1 cache (32 KiB here) beside the
+// kernel and the block's output or cotangent.
+constexpr int64_t kPointwiseBlockFloats = 4096;
+
+// Rows per block for C input channels: a whole number of product tiles.
+int64_t PointwiseRows(int64_t c) {
+  return std::max<int64_t>(kTile, kPointwiseBlockFloats / c / kTile * kTile);
+}
 
 // ReLU → 1×1 conv (DARTS' ReLU-Conv-BN preprocessing without its
 // BatchNorm): y[m] = max(x[m], 0)·w for the rows m of x [M, C] and
@@ -776,13 +782,13 @@ ffi::Error ReluPointwiseForward(ffi::ThreadPool pool,
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
-  const int64_t parts =
-      Parts(pool, (rows + kPointwiseRows - 1) / kPointwiseRows);
+  const int64_t block = PointwiseRows(c);
+  const int64_t parts = Parts(pool, (rows + block - 1) / block);
   ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<float> a(kPointwiseRows * c);
+    std::vector<float> a(block * c);
     auto [begin, end] = PartRange(rows, part, parts);
-    for (int64_t r0 = begin; r0 < end; r0 += kPointwiseRows) {
-      const int64_t n = std::min(end - r0, kPointwiseRows);
+    for (int64_t r0 = begin; r0 < end; r0 += block) {
+      const int64_t n = std::min(end - r0, block);
       Relu(xs + r0 * c, a.data(), n * c);
       Product(a.data(), ws, ys + r0 * c_out, c, c_out, 0, n);
     }
@@ -804,15 +810,15 @@ ffi::Error ReluPointwiseBackward(ffi::ThreadPool pool,
   const float* gs = gy.typed_data();
   float* dxs = dx->typed_data();
   const std::vector<float> w_t = Transposed(w.typed_data(), c, c_out);
-  const int64_t parts =
-      Parts(pool, (rows + kPointwiseRows - 1) / kPointwiseRows);
+  const int64_t block = PointwiseRows(c);
+  const int64_t parts = Parts(pool, (rows + block - 1) / block);
   std::vector<double> partial(parts * c * c_out, 0.0);
   ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<float> a(kPointwiseRows * c);
+    std::vector<float> a(block * c);
     double* sums = partial.data() + part * c * c_out;
     auto [begin, end] = PartRange(rows, part, parts);
-    for (int64_t r0 = begin; r0 < end; r0 += kPointwiseRows) {
-      const int64_t n = std::min(end - r0, kPointwiseRows);
+    for (int64_t r0 = begin; r0 < end; r0 += block) {
+      const int64_t n = std::min(end - r0, block);
       const float* gn = gs + r0 * c_out;
       Relu(xs + r0 * c, a.data(), n * c);
       Outer(a.data(), gn, sums, c, c_out, 0, n);

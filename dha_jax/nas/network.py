@@ -122,20 +122,26 @@ class SepConv(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-  """Halves the resolution with two offset strided 1×1 convs, concatenated."""
+  """Halves the resolution with two offset strided 1×1 convs of the ReLU,
+  concatenated; each ReLU → conv of the strided input is one op
+  (`separable_conv.relu_pointwise_conv`), its parameter named as `nn.Conv`'s
+  (Conv_0, Conv_1)."""
   features: int
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.relu(x)
     # The second path reads the image shifted by one pixel; padding keeps odd
-    # sizes aligned with the first path.
+    # sizes aligned with the first path (a zero stays zero through the ReLU).
     shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
-    half = self.features // 2
-    a = dense_conv.Conv(half, (1, 1), strides=2, use_bias=False)(x)
-    b = dense_conv.Conv(self.features - half, (1, 1), strides=2,
-                        use_bias=False)(shifted)
-    return batch_norm(train)(jnp.concatenate([a, b], axis=-1))
+    c, half = x.shape[-1], self.features // 2
+    paths = []
+    for i, (source, features) in enumerate(
+        ((x, half), (shifted, self.features - half))):
+      kernel = separable_conv.ConvKernel((1, 1, c, features),
+                                         name=f'Conv_{i}')()
+      paths.append(separable_conv.relu_pointwise_conv(source[:, ::2, ::2],
+                                                      kernel))
+    return batch_norm(train)(jnp.concatenate(paths, axis=-1))
 
 
 class CandidateOp(nn.Module):
