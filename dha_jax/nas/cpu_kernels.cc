@@ -36,6 +36,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -180,18 +181,36 @@ void CorrelateImageAny(const float* __restrict xp, const float* __restrict w,
 template <int64_t K>
 constexpr int64_t OutputsPerBlock() { return K <= 5 ? 8 : 4; }
 
+// For a block of O outputs of one row of taps with K taps, stride S and
+// dilation D, from input x (C channels apart): loads each input vector the
+// block's windows span once, in order, and calls fn(x_t, o, j) for every
+// output o whose window holds it as tap j (t = S·o + D·j). The loops unroll
+// into straight code.
+template <typename V, int64_t K, int64_t S, int64_t D, int64_t O, typename Fn>
+inline void ForWindowInputs(const float* x, int64_t c, const Fn& fn) {
+  constexpr int64_t span = S * (O - 1) + D * (K - 1) + 1;
+#pragma GCC unroll 32
+  for (int64_t t = 0; t < span; ++t) {
+    const V xv = Load<V>(x + t * c);
+#pragma GCC unroll 8
+    for (int64_t o = 0; o < O; ++o) {
+      const int64_t u = t - S * o;
+      if (u >= 0 && u % D == 0 && u / D < K) fn(xv, o, u / D);
+    }
+  }
+}
+
 // y of one image as `CorrelateImageAny`, for k = K, stride S and dilation D
 // known when compiling. A block of O outputs of a row reads, per row of
 // taps, the S·(O − 1) + D·(K − 1) + 1 input vectors it spans once each and
-// adds each into every output whose window holds it (the loops unroll into
-// straight code), with the row's K kernel vectors in registers: about half
+// adds each into every output whose window holds it (`ForWindowInputs`),
+// with the row's K kernel vectors in registers: about half
 // the loads of one load per multiply-add, and O independent accumulators.
 template <typename V, int64_t L, int64_t K, int64_t S, int64_t D>
 void CorrelateImageK(const float* __restrict xp, const float* __restrict w,
                      float* __restrict y, const Geometry& g, int64_t c0,
                      int64_t c1) {
   constexpr int64_t O = OutputsPerBlock<K>();
-  constexpr int64_t span = S * (O - 1) + D * (K - 1) + 1;
   const int64_t c = g.c, row_stride = g.w_pad * c;
   for (int64_t oy = 0; oy < g.h_out; ++oy) {
     const float* row = xp + S * oy * row_stride;
@@ -205,15 +224,8 @@ void CorrelateImageK(const float* __restrict xp, const float* __restrict w,
           V wv[K];
 #pragma GCC unroll 8
           for (int64_t j = 0; j < K; ++j) wv[j] = Load<V>(w + (i * K + j) * c + cb);
-#pragma GCC unroll 32
-          for (int64_t t = 0; t < span; ++t) {
-            const V xv = Load<V>(xr + t * c);
-#pragma GCC unroll 8
-            for (int64_t o = 0; o < O; ++o) {
-              const int64_t u = t - S * o;
-              if (u >= 0 && u % D == 0 && u / D < K) acc[o] += xv * wv[u / D];
-            }
-          }
+          ForWindowInputs<V, K, S, D, O>(
+              xr, c, [&](V xv, int64_t o, int64_t j) { acc[o] += xv * wv[j]; });
         }
         for (int64_t o = 0; o < O; ++o) Store<V>(out + (ox + o) * c + cb, acc[o]);
       }
@@ -324,14 +336,13 @@ void KernelGradImage(const float* __restrict xp, const float* __restrict gy,
 // The same for k = K, stride S and dilation D known when compiling: a row
 // of K taps at once. A block of O outputs (4; 2 when strided, whose windows
 // share fewer inputs) loads its O cotangent vectors and the input vectors
-// its windows span once each; even and odd outputs add into two sets of K
-// accumulators (2K independent chains).
+// its windows span once each (`ForWindowInputs`); even and odd outputs add
+// into two sets of K accumulators (2K independent chains).
 template <typename V, int64_t L, int64_t K, int64_t S, int64_t D>
 void KernelGradImageK(const float* __restrict xp, const float* __restrict gy,
                       float* __restrict dw, const Geometry& g, int64_t c0,
                       int64_t c1) {
   constexpr int64_t O = S == 1 ? 4 : 2;
-  constexpr int64_t span = S * (O - 1) + D * (K - 1) + 1;
   const int64_t c = g.c;
   for (int64_t i = 0; i < K; ++i) {
     for (int64_t cb = c0; cb < c1; cb += L) {
@@ -345,17 +356,10 @@ void KernelGradImageK(const float* __restrict xp, const float* __restrict gy,
 #pragma GCC unroll 8
           for (int64_t o = 0; o < O; ++o) gv[o] = Load<V>(gr + (ox + o) * c);
           const float* x0 = xr + S * ox * c;
-#pragma GCC unroll 32
-          for (int64_t t = 0; t < span; ++t) {
-            const V xv = Load<V>(x0 + t * c);
-#pragma GCC unroll 8
-            for (int64_t o = 0; o < O; ++o) {
-              const int64_t u = t - S * o;
-              if (u >= 0 && u % D == 0 && u / D < K) {
-                a[o % 2][u / D] += xv * gv[o];
-              }
-            }
-          }
+          ForWindowInputs<V, K, S, D, O>(
+              x0, c, [&](V xv, int64_t o, int64_t j) {
+                a[o % 2][j] += xv * gv[o];
+              });
         }
         for (; ox < g.w_out; ++ox) {
           const V g0 = Load<V>(gr + ox * c);
@@ -581,16 +585,23 @@ void ProductColumns(const float* a, const float* b, float* out, int64_t k,
   for (; r < r1; ++r) ProductTile<V, L, 1, NV>(a, b, out, k, c, r, cb);
 }
 
+// Calls fn(nv, cb) for the C columns in blocks of nv vectors of L lanes from
+// column cb: nv = 2 (an std::integral_constant) while two fit, then 1.
+template <int64_t L, typename Fn>
+void ForColumnVectors(int64_t c, const Fn& fn) {
+  int64_t cb = 0;
+  for (; cb + 2 * L <= c; cb += 2 * L) fn(std::integral_constant<int64_t, 2>(), cb);
+  for (; cb < c; cb += L) fn(std::integral_constant<int64_t, 1>(), cb);
+}
+
 // out[m] = a[m]·b for rows [r0, r1) of a [M, K] and b [K, C], C in vectors
 // of L lanes (C a multiple of L), two vectors of columns at a time.
 template <typename V, int64_t L>
 void ProductRows(const float* a, const float* b, float* out, int64_t k,
                  int64_t c, int64_t r0, int64_t r1) {
-  int64_t cb = 0;
-  for (; cb + 2 * L <= c; cb += 2 * L) {
-    ProductColumns<V, L, 2>(a, b, out, k, c, r0, r1, cb);
-  }
-  for (; cb < c; cb += L) ProductColumns<V, L, 1>(a, b, out, k, c, r0, r1, cb);
+  ForColumnVectors<L>(c, [&](auto nv, int64_t cb) {
+    ProductColumns<V, L, decltype(nv)::value>(a, b, out, k, c, r0, r1, cb);
+  });
 }
 
 // sums[i0 + i, cb:cb + NV·L] += Σ_m a[m, i0 + i]·b[m, cb:cb + NV·L] for
@@ -632,11 +643,9 @@ void OuterColumns(const float* a, const float* b, double* sums, int64_t k,
 template <typename V, int64_t L>
 void OuterRows(const float* a, const float* b, double* sums, int64_t k,
                int64_t c, int64_t r0, int64_t r1) {
-  int64_t cb = 0;
-  for (; cb + 2 * L <= c; cb += 2 * L) {
-    OuterColumns<V, L, 2>(a, b, sums, k, c, r0, r1, cb);
-  }
-  for (; cb < c; cb += L) OuterColumns<V, L, 1>(a, b, sums, k, c, r0, r1, cb);
+  ForColumnVectors<L>(c, [&](auto nv, int64_t cb) {
+    OuterColumns<V, L, decltype(nv)::value>(a, b, sums, k, c, r0, r1, cb);
+  });
 }
 
 // ProductRows over rows [r0, r1), in vectors when C allows.
@@ -770,6 +779,29 @@ int64_t PointwiseRows(int64_t c) {
   return std::max<int64_t>(kTile, kPointwiseBlockFloats / c / kTile * kTile);
 }
 
+// The parts of the ReLU → 1×1 conv kernels' rows of C channels.
+int64_t PointwiseParts(ffi::ThreadPool& pool, int64_t rows, int64_t c) {
+  const int64_t block = PointwiseRows(c);
+  return Parts(pool, (rows + block - 1) / block);
+}
+
+// Calls fn(part, r0, n, a) on the pool for every block of n rows from r0 of
+// x [rows, C] in the parts' ranges, a the block's ReLU (a part's buffer).
+template <typename Fn>
+void ForEachReluBlock(ffi::ThreadPool& pool, int64_t parts, const float* xs,
+                      int64_t rows, int64_t c, const Fn& fn) {
+  const int64_t block = PointwiseRows(c);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> a(block * c);
+    auto [begin, end] = PartRange(rows, part, parts);
+    for (int64_t r0 = begin; r0 < end; r0 += block) {
+      const int64_t n = std::min(end - r0, block);
+      Relu(xs + r0 * c, a.data(), n * c);
+      fn(part, r0, n, a.data());
+    }
+  });
+}
+
 // ReLU → 1×1 conv (DARTS' ReLU-Conv-BN preprocessing without its
 // BatchNorm): y[m] = max(x[m], 0)·w for the rows m of x [M, C] and
 // w [C, C_out], a block of rows at a time.
@@ -779,20 +811,12 @@ ffi::Error ReluPointwiseForward(ffi::ThreadPool pool,
                                 ffi::ResultBuffer<ffi::F32> y) {
   const int64_t c = w.dimensions()[0], c_out = w.dimensions()[1];
   const int64_t rows = c == 0 ? 0 : x.element_count() / c;
-  const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
-  const int64_t block = PointwiseRows(c);
-  const int64_t parts = Parts(pool, (rows + block - 1) / block);
-  ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<float> a(block * c);
-    auto [begin, end] = PartRange(rows, part, parts);
-    for (int64_t r0 = begin; r0 < end; r0 += block) {
-      const int64_t n = std::min(end - r0, block);
-      Relu(xs + r0 * c, a.data(), n * c);
-      Product(a.data(), ws, ys + r0 * c_out, c, c_out, 0, n);
-    }
-  });
+  ForEachReluBlock(pool, PointwiseParts(pool, rows, c), x.typed_data(), rows,
+                   c, [&](int64_t, int64_t r0, int64_t n, const float* a) {
+                     Product(a, ws, ys + r0 * c_out, c, c_out, 0, n);
+                   });
   return ffi::Error::Success();
 }
 
@@ -810,22 +834,16 @@ ffi::Error ReluPointwiseBackward(ffi::ThreadPool pool,
   const float* gs = gy.typed_data();
   float* dxs = dx->typed_data();
   const std::vector<float> w_t = Transposed(w.typed_data(), c, c_out);
-  const int64_t block = PointwiseRows(c);
-  const int64_t parts = Parts(pool, (rows + block - 1) / block);
+  const int64_t parts = PointwiseParts(pool, rows, c);
   std::vector<double> partial(parts * c * c_out, 0.0);
-  ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<float> a(block * c);
-    double* sums = partial.data() + part * c * c_out;
-    auto [begin, end] = PartRange(rows, part, parts);
-    for (int64_t r0 = begin; r0 < end; r0 += block) {
-      const int64_t n = std::min(end - r0, block);
-      const float* gn = gs + r0 * c_out;
-      Relu(xs + r0 * c, a.data(), n * c);
-      Outer(a.data(), gn, sums, c, c_out, 0, n);
-      Product(gn, w_t.data(), dxs + r0 * c, c_out, c, 0, n);
-      MaskThroughRelu(xs + r0 * c, dxs + r0 * c, n * c);
-    }
-  });
+  ForEachReluBlock(
+      pool, parts, xs, rows, c,
+      [&](int64_t part, int64_t r0, int64_t n, const float* a) {
+        const float* gn = gs + r0 * c_out;
+        Outer(a, gn, partial.data() + part * c * c_out, c, c_out, 0, n);
+        Product(gn, w_t.data(), dxs + r0 * c, c_out, c, 0, n);
+        MaskThroughRelu(xs + r0 * c, dxs + r0 * c, n * c);
+      });
   SumParts(partial, parts, c * c_out, dw->typed_data());
   return ffi::Error::Success();
 }
