@@ -95,18 +95,19 @@ def test_relu_pointwise_kernels_equal_the_xla_product_of_the_relu(
   assert float(jnp.abs(g[0][0, 0, :3, 0]).max()) == 0.0
 
 
-def test_relu_conv_bn_has_the_nn_conv_parameter(kernels_preferred):
+@pytest.mark.parametrize('stride', [1, 2])
+def test_relu_conv_bn_has_the_nn_conv_parameter(kernels_preferred, stride):
   """ReLUConvBN's 1×1 conv (the kernels' op) keeps nn.Conv's parameter at
-  Conv_0: the same initial values and output."""
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+  Conv_0: the same initial values and output, strided or not (odd size)."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 4))
 
   class Reference(nn.Module):
     @nn.compact
     def __call__(self, x):
-      x = nn.Conv(8, (1, 1), use_bias=False)(nn.relu(x))
+      x = nn.Conv(8, (1, 1), strides=stride, use_bias=False)(nn.relu(x))
       return network.batch_norm(False)(x)
 
-  ours = network.ReLUConvBN(8, 1)
+  ours = network.ReLUConvBN(8, 1, stride)
   variables = ours.init(jax.random.key(1), x, train=False)
   ref = Reference().init(jax.random.key(1), x)
   np.testing.assert_array_equal(variables['params']['Conv_0']['kernel'],

@@ -176,8 +176,8 @@ void CorrelateImageAny(const float* __restrict xp, const float* __restrict w,
 }
 
 // Outputs per block of the kernels below for K taps a row: their
-// accumulators, K kernel vectors and one input vector fill the 16 vector
-// registers of AVX2 at K = 7.
+// accumulators, K kernel vectors and one input vector fit in the 16 vector
+// registers of AVX2 (14 at K = 5 with 8 outputs, 12 at K = 7 with 4).
 template <int64_t K>
 constexpr int64_t OutputsPerBlock() { return K <= 5 ? 8 : 4; }
 
@@ -277,9 +277,9 @@ void CorrelateImage(const float* xp, const float* w, float* y,
 // inlined: inside the separable backward pass GCC then kept its strides on
 // the stack and the loop ran 1.4x slower.
 template <typename V, int64_t L>
-__attribute__((noinline)) void ScatterImage(const float* __restrict gy, const float* __restrict w,
-                  float* __restrict dxp, const Geometry& g, int64_t c0,
-                  int64_t c1) {
+__attribute__((noinline)) void ScatterImage(
+    const float* __restrict gy, const float* __restrict w,
+    float* __restrict dxp, const Geometry& g, int64_t c0, int64_t c1) {
   const int64_t c = g.c, step = g.stride * c;
   for (int64_t oy = 0; oy < g.h_out; ++oy) {
     const float* grow = gy + oy * g.w_out * c;

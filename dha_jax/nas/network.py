@@ -58,19 +58,21 @@ def batch_norm(train: bool, name: str | None = None,
 
 
 class ReLUConvBN(nn.Module):
-  """ReLU → conv (no bias) → BN; a 1×1 conv's ReLU and product are one op
-  (`separable_conv.relu_pointwise_conv`), its parameter named as `nn.Conv`'s
-  (Conv_0)."""
+  """ReLU → conv (no bias) → BN; a 1×1 conv's ReLU and product (of the
+  strided input) are one op (`separable_conv.relu_pointwise_conv`), its
+  parameter named as `nn.Conv`'s (Conv_0)."""
   features: int
   kernel: int
   stride: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.kernel == 1 and self.stride == 1:
+    if self.kernel == 1:
       kernel = separable_conv.ConvKernel(
           (1, 1, x.shape[-1], self.features), name='Conv_0')()
-      return batch_norm(train)(separable_conv.relu_pointwise_conv(x, kernel))
+      s = self.stride
+      return batch_norm(train)(
+          separable_conv.relu_pointwise_conv(x[:, ::s, ::s], kernel))
     x = nn.relu(x)
     x = dense_conv.Conv(self.features, (self.kernel, self.kernel),
                  strides=self.stride, padding=self.kernel // 2,

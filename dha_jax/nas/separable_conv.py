@@ -138,7 +138,7 @@ def relu_pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if kernel.shape[:3] != (1, 1, c):
     raise ValueError(f'for {c} input channels the kernel is '
                      f'[1, 1, {c}, C_out], got {kernel.shape}')
-  if (x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.preferred()):
+  if x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.preferred():
     return _relu_pointwise_kernels(x, kernel)
   return dense_conv.conv_general_dilated(nn.relu(x), kernel, (1, 1), 'VALID',
                                          dimension_numbers=dense_conv.NHWC)
