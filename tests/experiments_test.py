@@ -1,5 +1,5 @@
 """Tests of the experiment scripts: reproduce.py, landscape.py,
-ablate_search.py, profile_step.py, ab_step.py."""
+ablate_search.py, profile_step.py, ab_step.py, bench_official.py."""
 
 import json
 import os
@@ -15,6 +15,7 @@ from dha_jax import train
 from dha_jax.nas import search_space as ss
 from experiments import ab_step
 from experiments import ablate_search
+from experiments import bench_official
 from experiments import landscape
 from experiments import profile_step
 from experiments import reproduce
@@ -380,3 +381,50 @@ def test_ab_step_refuses_a_tree_that_is_not_a_checkout(tmp_path, capsys,
   with pytest.raises(SystemExit):
     ab_step.main()
   assert 'is not a checkout of this repository' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- bench_official
+def _genotype():
+  with open(bench_official.GENOTYPE) as f:
+    return json.load(f)
+
+
+def test_bench_official_codes_select_exactly_the_genotypes_edges():
+  """The sparse codes give the official network the genotype's support:
+  each node's two (input, op) entries are 1 in the official op order, and
+  reading the nonzero op weights back gives the genotype's pairs."""
+  genotype = _genotype()
+  for cell in ('normal', 'reduce'):
+    codes = bench_official.sparse_codes(genotype[cell])
+    assert [c.shape for c in codes] == [(14,), (21,), (28,), (35,)]
+    assert [c.sum() for c in codes] == [2.0] * 4
+    x = codes[1]   # node 1: (op, input) pairs 2 and 3 of the genotype
+    for op, source in genotype[cell][2:4]:
+      assert x[source * 7 + bench_official.PRIMITIVES_ISTA.index(op)] == 1.0
+    weights = np.concatenate([c.reshape(-1, 7) for c in codes])
+    assert weights.shape == (14, 7)   # 2 + 3 + 4 + 5 edges
+    assert (sorted(bench_official.support_of(weights))
+            == sorted((op, s) for op, s in genotype[cell]))
+
+
+@pytest.mark.parametrize('edge, match', [
+    (('dil_conv_5x5', 0), 'not an edge the official code can select'),
+    (('sep_conv_3x3', 2), 'not an edge the official code can select'),
+    (('conv_7x7', 0), 'not an edge the official code can select')])
+def test_bench_official_refuses_edges_the_official_code_cannot_run(edge,
+                                                                    match):
+  cell = [list(e) for e in _genotype()['normal']]
+  cell[0] = list(edge)   # node 0 has inputs 0 and 1 only
+  with pytest.raises(ValueError, match=match):
+    bench_official.sparse_codes(cell)
+  with pytest.raises(ValueError, match='has 7 edges, not 8'):
+    bench_official.sparse_codes(_genotype()['normal'][:7])
+
+
+def test_bench_official_refuses_a_folder_that_is_not_the_official_code(
+    tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['bench_official', '--official',
+                                    str(tmp_path)])
+  with pytest.raises(SystemExit):
+    bench_official.main()
+  assert 'is not a checkout of the official code' in capsys.readouterr().err
