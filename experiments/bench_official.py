@@ -15,6 +15,9 @@ machine in the same sitting:
   processes, outside this step (dha_jax's DHA step augments on device, inside
   the step): this times the step without it.
 
+Both leave out the loop's accuracy metrics (`utils.accuracy`), which
+dha_jax's step computes.
+
 The official code is neither part of this repository nor a dependency: give
 a checkout of it with `--official`, and run this in an environment with
 torch, scikit-learn, pandas and numpy 1 (the official code's imports; it
