@@ -13,7 +13,8 @@ machine in the same sitting:
   its SGD step, the differentiable SGD step of θ, the held-out forward and
   backward, the η step). Its augmentation runs in the data loader's worker
   processes, outside this step (dha_jax's DHA step augments on device, inside
-  the step): this times the step without it.
+  the step): this times the step without it. The same holds for the
+  Cutout of the comparison's configuration, a transform of its loader.
 
 Both leave out the loop's accuracy metrics (`utils.accuracy`), which
 dha_jax's step computes.
@@ -251,7 +252,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--official', required=True,
                       help='a checkout of github.com/kaichen-z/DHA')
-  parser.add_argument('--genotype', default=GENOTYPE)
+  parser.add_argument('--genotype', default=GENOTYPE,
+                      help='the support, a genotype.json (default: the '
+                           "comparison's, experiments/bench_genotype.json)")
   parser.add_argument('--batch', type=int, default=96)
   parser.add_argument('--size', type=int, default=32)
   parser.add_argument('--steps', type=int, default=8)
