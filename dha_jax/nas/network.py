@@ -134,15 +134,14 @@ class FactorizedReduce(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     # The second path reads the image shifted by one pixel; padding keeps odd
     # sizes aligned with the first path (a zero stays zero through the ReLU).
-    shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
+    shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1::2, 1::2]
     c, half = x.shape[-1], self.features // 2
     paths = []
     for i, (source, features) in enumerate(
-        ((x, half), (shifted, self.features - half))):
+        ((x[:, ::2, ::2], half), (shifted, self.features - half))):
       kernel = separable_conv.ConvKernel((1, 1, c, features),
                                          name=f'Conv_{i}')()
-      paths.append(separable_conv.relu_pointwise_conv(source[:, ::2, ::2],
-                                                      kernel))
+      paths.append(separable_conv.relu_pointwise_conv(source, kernel))
     return batch_norm(train)(jnp.concatenate(paths, axis=-1))
 
 
