@@ -44,7 +44,8 @@ def set_cifar10_data(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+  # The reference's search dynamics (configs/default.py's base).
+  config = default.get_base_config()
   set_cifar10_data(config)
   # The ISTA-NAS one-stage network: C=36, 20 cells, auxiliary head.
   config.model.channels = 36
@@ -63,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500
   config.num_epochs = 600
   config.mode = 'dha'
-  # The ISTA-NAS one-stage values: b ~ 1e-3·N(0, 1), freeze at 1e-3, a
-  # search of at most 120 epochs, 3.7 M parameters at most (Eq. 1).
+  # The ISTA-NAS one-stage values: b ~ 1e-3·N(0, 1), a node freezes when
+  # its x̂ moved by at most 1e-3 in an epoch (the absolute rule), a search
+  # of at most 120 epochs, 3.7 M parameters at most (Eq. 1).
   config.nas.code_init_scale = 1e-3
   config.nas.dist_limit = 1e-3
   config.nas.search_epochs = 120

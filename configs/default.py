@@ -4,8 +4,12 @@ Runs on a laptop CPU in a few minutes with nothing downloaded:
 
   python -m dha_jax.main --config=configs/default.py --workdir=/tmp/dha_default
 
-Every other config file starts from this one and overrides fields; every
-field is documented here.
+Every field is documented here, in `get_base_config()` (the components'
+blocks in the default_config() they point to). The paper configs start
+from that base, which keeps the reference's search settings. This file's
+job, `get_config()`, adds the short-run search dynamics
+(`short_run_search`) and, for minutes on a CPU, a 4-epoch search and the
+online hypergradient; configs/cifar10_mobilenet.py starts from it.
 """
 
 import ml_collections
@@ -15,12 +19,13 @@ from dha_jax.augment import component as da_component
 from dha_jax.nas import component as nas_component
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """The default configuration (every field documented)."""
+def get_base_config() -> ml_collections.ConfigDict:
+  """Every field, documented; the components' blocks keep the reference's
+  values (their default_config()). The paper configs start from this."""
   config = ml_collections.ConfigDict()
   # Seed of parameter init, augmentation sampling, batch order and dropout.
   config.seed = 0
-  # What to run (the paper's methods; dha_jax/train.py MODES):
+  # What to run (the paper's methods; dha_jax/modes.py MODES):
   #   'train'               train the fixed genotype `model.genotype`;
   #   'dha'                 one-stage ISTA-NAS + DA + HPO, jointly (DHA);
   #   'ista_one_stage'      NAS only (One-Stage ISTA);
@@ -154,35 +159,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.hpo = hpo.default_config()
   # NAS: one-stage ISTA-NAS (dha_jax/nas/component.py:default_config).
   config.nas = nas_component.default_config()
-  # Scale-free search dynamics for a run of minutes (docs/fidelity.md,
-  # 'Settings that depart from the paper for short runs'); the paper configs
-  # keep the reference's. b keeps the reference's scale (1e-3), where
-  # Adam's steps of 3e-4 move it as far relative to itself as in the
-  # reference; α is normalised per node, so the network's output does not
-  # start near zero.
-  config.nas.alpha_norm = 'mean_abs'
-  # A node freezes once its x̂ moved by at most 10 % of its norm in an
-  # epoch, and not before b has had two epochs of steps.
-  config.nas.freeze_rule = 'relative'
-  config.nas.dist_limit = 0.1
-  config.nas.min_freeze_steps = 40
-  config.nas.search_epochs = 4
-  # Adam on τ moves its logits ~policy_lr per step; the paper's SGD needs
-  # ~10⁵ steps to leave uniform (dha_jax/augment/component.py). Eq. 2 has
-  # no bound on how far τ goes: at 0.05 it collapsed onto one pair within
-  # 400 steps; at 0.01 this config's 400 steps left τ 0.08 nats below
-  # uniform, in effect uniform; 0.02 moves it by several tenths of a nat
-  # without a collapse (experiments/RESULTS.md, 'Do the searches search?').
-  config.da.policy_optimizer = 'adam'
-  config.da.policy_lr = 0.02
-  # A longer run at that rate still collapses τ (600 steps of a small,
-  # overfitting training set did, experiments/RESULTS.md): τ may go at most
-  # 1 nat from uniform (perplexity e^4.28 ≈ 72 of the 196 pairs). This
-  # config's 400 steps end 0.7 nats from uniform, so the bound never acts.
-  config.da.max_kl_from_uniform = 1.0
-  # The online hypergradient (next training batch, no extra network pass)
-  # keeps the default within minutes on a CPU; the paper configs use Eq. 4.
-  config.hpo.mode = 'online'
   # User components, 'module:factory' entries separated by commas; each
   # factory(config) returns a dha_jax.Component (see README).
   config.extra_components = ''
@@ -222,4 +198,54 @@ def get_config() -> ml_collections.ConfigDict:
   # Folder of JAX's persistent compilation cache ('' = off). Reruns and
   # resumed runs then skip most XLA compilation.
   config.compilation_cache_dir = '~/.cache/dha_jax/xla'
+  return config
+
+
+# Scale-free search dynamics for a run of minutes (docs/fidelity.md,
+# 'Settings that depart from the paper for short runs'); the paper configs
+# keep the reference's. b keeps the reference's scale (1e-3), where Adam's
+# steps of 3e-4 move it as far relative to itself as in the reference.
+SHORT_RUN_SEARCH = {
+    # α is normalised per node, so the network's output does not start near
+    # zero (one op per node, as in the MobileNet space, needs
+    # 'group_mean_abs' instead).
+    'nas.alpha_norm': 'mean_abs',
+    # A node freezes once its x̂ moved by at most 10 % of its norm in an
+    # epoch, and not before b has had two epochs of steps.
+    'nas.freeze_rule': 'relative',
+    'nas.dist_limit': 0.1,
+    'nas.min_freeze_steps': 40,
+    # Adam on τ moves its logits ~policy_lr per step; the paper's SGD needs
+    # ~10⁵ steps to leave uniform (dha_jax/augment/component.py). Eq. 2 has
+    # no bound on how far τ goes: at 0.05 it collapsed onto one pair within
+    # 400 steps; at 0.01 the default job's 400 steps left τ 0.08 nats below
+    # uniform, in effect uniform; 0.02 moves it by several tenths of a nat
+    # without a collapse (experiments/RESULTS.md, 'Do the searches
+    # search?').
+    'da.policy_optimizer': 'adam',
+    'da.policy_lr': 0.02,
+    # A longer run at that rate still collapses τ (600 steps of a small,
+    # overfitting training set did, experiments/RESULTS.md): τ may go at
+    # most 1 nat from uniform (perplexity e^4.28 ≈ 72 of the 196 pairs).
+    # The default job's 400 steps end 0.7 nats from uniform, so the bound
+    # never acts there.
+    'da.max_kl_from_uniform': 1.0,
+}
+
+
+def short_run_search(config: ml_collections.ConfigDict) -> None:
+  """Sets `SHORT_RUN_SEARCH` on `config` (in place)."""
+  for field, value in SHORT_RUN_SEARCH.items():
+    block, name = field.split('.')
+    config[block][name] = value
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default job: DHA on digits in minutes on a CPU."""
+  config = get_base_config()
+  short_run_search(config)
+  config.nas.search_epochs = 4
+  # The online hypergradient (next training batch, no extra network pass)
+  # keeps the default within minutes on a CPU; the paper configs use Eq. 4.
+  config.hpo.mode = 'online'
   return config

@@ -33,9 +33,10 @@ size; C = `--channels`, `--layers` cells, no auxiliary head (at C = 8 its
 with `--batch-size`; `nas.search_epochs` = `--search-epochs`; an `eval`
 record (clean train and HPO-split accuracy) every 5 epochs; and, as short
 runs need, the short-run search dynamics of configs/default.py
-(`SHORT_RUN_FIELDS`: b at scale 1 with α normalised per node, relative
-freezing, Adam on τ at most 1 nat from uniform). Everything else is the config's (drop-path 0.2, cosine
-SGD from 0.025, a learned η annealed by the same cosine,
+(`SHORT_RUN_SEARCH`: α normalised per node, so that b keeps the
+reference's scale, 1e-3; relative freezing; Adam on τ at most 1 nat from
+uniform). Everything else is the config's (drop-path 0.2, cosine SGD from
+0.025, a learned η annealed by the same cosine,
 `optimizer.anneal_learned_lr`, the exact hypergradient, Eq. 4).
 The one-stage modes search within their `--steps` (the search ends when every
 node is frozen or after `--search-epochs`); the two-stage `sequential_dha`
@@ -46,10 +47,11 @@ time.
 Budget (default): a regime where generalisation, not optimisation speed,
 decides. 600 training images (480 train + 120 HPO: 10 steps of 48 per
 epoch), the full 10,000 test images, 16 px, C = 8, 3 cells, 600 steps (60
-epochs), a search of at most 10 epochs (100 steps, as the paper's 120 of 600
-epochs is a fifth), seeds 0, 1, 2: 15 runs. Why: DA and HPO are for
-generalisation, so the networks must overfit without them; the first
-reproduction (2 epochs of 4,500 images, RESULTS.md, its history) underfit.
+epochs), a search of at most 10 epochs (100 steps, a sixth of the run;
+the paper's 120 of 600 epochs are a fifth), seeds 0, 1, 2: 15 runs. Why:
+DA and HPO are for generalisation, so the networks must overfit without
+them; the first reproduction (2 epochs of 4,500 images, RESULTS.md, its
+history) underfit.
 A pilot `ista_one_stage` run of this budget (2,000 test images) ended at
 54.2 % clean train accuracy against 37.5 % on the HPO split and 36.6 % on
 the test split, the HPO-split accuracy flat from epoch 10 on: it overfits.
@@ -116,23 +118,6 @@ SECONDS_PER_MINUTE = 60.0
 SECONDS_PER_HOUR = 3600.0
 LOG_TAIL_LINES = 20
 
-# Short runs need scale-free search dynamics: these fields take their
-# configs/default.py values (docs/fidelity.md, 'Settings that depart from
-# the paper for short runs').
-SHORT_RUN_FIELDS = ('nas.code_init_scale', 'nas.alpha_norm',
-                    'nas.freeze_rule', 'nas.dist_limit',
-                    'nas.min_freeze_steps', 'da.policy_optimizer',
-                    'da.policy_lr', 'da.max_kl_from_uniform')
-
-
-def short_run_settings() -> dict[str, Any]:
-  """{field: configs/default.py's value} of `SHORT_RUN_FIELDS`."""
-  defaults = default_config.get_config()
-  out = {}
-  for field in SHORT_RUN_FIELDS:
-    block, name = field.split('.')
-    out[field] = defaults[block][name]
-  return out
 # Runs of minutes: log and checkpoint every minute or two (a kill loses at
 # most that much); neither changes what is computed.
 LOG_EVERY_STEPS = 10
@@ -194,7 +179,8 @@ def config_overrides(budget: Budget, data: str, mode: str, seed: int,
       'model.channels': budget.channels, 'model.layers': budget.layers,
       'model.auxiliary': False,
       'num_train_steps': budget.steps, 'batch_size': budget.batch_size,
-      'nas.search_epochs': budget.search_epochs, **short_run_settings(),
+      'nas.search_epochs': budget.search_epochs,
+      **default_config.SHORT_RUN_SEARCH,
       'log_every_steps': LOG_EVERY_STEPS,
       'checkpoint_every_steps': CHECKPOINT_EVERY_STEPS,
       'eval_every_epochs': EVAL_EVERY_EPOCHS}

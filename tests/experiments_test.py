@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
@@ -227,6 +229,31 @@ def test_config_overrides_share_the_budget_and_short_run_nas_scale():
   differ = set(flags) ^ set(other)
   assert differ == {'--config.mode=nas_hpo', '--config.mode=dha',
                     '--config.hpo.mode=online'}
+
+
+def _parsed_config(config_file, overrides):
+  """The config `python -m dha_jax.main` builds from these flags."""
+  argv = ['main', f'--config={config_file}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file',
+                                  flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_reproduce_runs_the_committed_runs_config():
+  # The search settings of the runs in experiments/reproduce_runs: a change
+  # would make their workdirs refuse to resume and their results stale.
+  config = _parsed_config(reproduce.BASE_CONFIG, reproduce.config_overrides(
+      reproduce.Budget(), '/d/c10.zip', 'dha', 0))
+  assert config.nas.to_dict() == {
+      **config.nas.to_dict(), 'alpha_norm': 'mean_abs',
+      'freeze_rule': 'relative', 'dist_limit': 0.1, 'min_freeze_steps': 40,
+      'code_init_scale': 1e-3, 'search_epochs': 10, 'param_limit_mb': 3.7}
+  assert (config.da.policy_optimizer, config.da.policy_lr,
+          config.da.max_kl_from_uniform) == ('adam', 0.02, 1.0)
+  assert (config.hpo.mode, config.heldout_batch_size) == ('exact', 0)
+  assert config.optimizer.anneal_learned_lr
 
 
 # ---------------------------------------------------------------- smoke
