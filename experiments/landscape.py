@@ -17,17 +17,22 @@ is evaluated on a `--grid` × `--grid` lattice of [-span, span]², in eval mode
 architecture (the fixed α and support of its last phase), over a fixed
 batch of `--examples` training or test images, and drawn as a contour plot,
 one PNG per run (`<run>_landscape.png`, with the grid in
-`<run>_landscape.json`). By default the runs are One-Stage ISTA and DHA of
-seed 0 from `experiments/reproduce.py` (`--workdirs` takes any finished
-workdirs, comma-separated):
+`<run>_landscape.json`, which names the workdir relative to the repository,
+or by its folder name when it lies outside). `--workdirs` takes finished
+workdirs, comma-separated, that hold their checkpoints and config.json:
+runs made on this machine. The runs committed under
+experiments/reproduce_runs keep only their results, so make the paper's
+pair, One-Stage ISTA and DHA of seed 0, into a folder of your own first:
 
+  python -m experiments.reproduce --modes ista_one_stage,dha --seeds 0 \
+    --out DIR --report-dir DIR
   python -m experiments.landscape --out-dir experiments --grid 11 \
-    --span 1.0 --examples 256
+    --span 1.0 --examples 256 \
+    --workdirs DIR/ista_one_stage_seed0,DIR/dha_seed0
 
 A run is restored as `dha_jax.train.train_and_evaluate` resumes one
 (`train.restore_checkpoint` and `train.build_phase` on the workdir's
 config.json) and pruned as it was deployed (`train.deployable_variables`).
-The run must be finished (summary.json present).
 
 Cost: grid² forward passes of `--examples` images. Measured on this 2-core
 CPU (shared with other work) for a `dha` run at the reproduce budget (C = 8,
@@ -56,6 +61,7 @@ from dha_jax import plots
 from dha_jax import step as step_lib
 from dha_jax import train
 from experiments import reproduce
+from experiments.paths import REPO_ROOT
 
 PyTree = Any
 # Li et al.'s code adds this to the direction's filter norm.
@@ -65,9 +71,28 @@ NORM_EPSILON = 1e-10
 CONTOUR_LOSS_RANGE = 10.0
 NUM_LEVELS = 30
 FIGSIZE = (5.5, 4.5)
-DEFAULT_WORKDIRS = ','.join(
-    reproduce.workdir_of(reproduce.DEFAULT_OUT, mode, 0)
-    for mode in ('ista_one_stage', 'dha'))
+# The runs of the paper's §4.3 figure, as `experiments.reproduce` names them.
+PAPER_MODES = ('ista_one_stage', 'dha')
+PAPER_SEED = 0
+
+
+def how_to_make_runs() -> str:
+  """The commands that make the runs this script reads."""
+  workdirs = ','.join(reproduce.workdir_of('DIR', mode, PAPER_SEED)
+                      for mode in PAPER_MODES)
+  return (f'make them with `python -m experiments.reproduce --modes '
+          f'{",".join(PAPER_MODES)} --seeds {PAPER_SEED} --out DIR '
+          f'--report-dir DIR` (DIR a new folder), then pass '
+          f'`--workdirs {workdirs}`')
+
+
+def recorded_workdir(workdir: str) -> str:
+  """`workdir` as the results record it: relative to the repository, or
+  its folder name outside it (no path of this machine)."""
+  path = os.path.abspath(workdir)
+  if os.path.commonpath([path, REPO_ROOT]) == REPO_ROOT:
+    return os.path.relpath(path, REPO_ROOT)
+  return os.path.basename(os.path.normpath(path))
 
 
 # ---------------------------------------------------------------- numerics
@@ -153,7 +178,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, train.CONFIG_FILE)
   if not os.path.exists(path):
     raise train.RunError(f'{path} is missing: {workdir} is not the workdir '
-                         'of a dha_jax run.')
+                         'of a dha_jax run made on this machine (committed '
+                         'runs keep only their results); '
+                         f'{how_to_make_runs()}.')
   defaults = json.loads(default_config.get_config().to_json_best_effort())
   return ml_collections.ConfigDict(
       _tuples(train.read_config_json(path, defaults)))
@@ -167,13 +194,19 @@ def load_final(workdir: str) -> tuple[train.Run, dict, Any]:
     final `Architecture`).
 
   Raises:
-    RunError: when the run is not finished.
+    RunError: when the run is not finished or its checkpoints are missing.
   """
   workdir = os.path.abspath(workdir)
   if not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE)):
     raise train.RunError(f'{workdir} holds no finished run (no '
-                         f'{train.SUMMARY_FILE}); finish it first.')
-  runner = train.Run.create(load_config(workdir), workdir)
+                         f'{train.SUMMARY_FILE}); finish it first, or '
+                         f'{how_to_make_runs()}.')
+  config = load_config(workdir)
+  if not os.path.isdir(os.path.join(workdir, train.CHECKPOINT_DIR)):
+    raise train.RunError(f'{workdir} holds no {train.CHECKPOINT_DIR}/ to '
+                         f'restore the final weights from; '
+                         f'{how_to_make_runs()}.')
+  runner = train.Run.create(config, workdir)
   manager = ocp.CheckpointManager(
       os.path.join(workdir, train.CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(create=False, read_only=True))
@@ -224,7 +257,7 @@ def run_landscape(workdir: str, *, grid: int, span: float, examples: int,
   with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
     summary = json.load(f)
   center = jax.jit(loss_fn)(params)
-  return {'workdir': os.path.abspath(workdir), 'mode': runner.config.mode,
+  return {'workdir': recorded_workdir(workdir), 'mode': runner.config.mode,
           'test_accuracy': summary['test_accuracy'], 'split': split,
           'examples': int(labels.shape[0]), 'seed': seed,
           'coords': np.asarray(coords).tolist(),
@@ -260,8 +293,10 @@ def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n', 1)[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdirs', default=DEFAULT_WORKDIRS,
-                      help='comma-separated workdirs of finished runs')
+  parser.add_argument('--workdirs', required=True,
+                      help='comma-separated workdirs of finished runs made '
+                      'on this machine (with their checkpoints); '
+                      + how_to_make_runs())
   parser.add_argument('--out-dir', default='.',
                       help='where <run>_landscape.png / .json go')
   parser.add_argument('--grid', type=int, default=11,

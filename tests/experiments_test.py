@@ -97,6 +97,32 @@ def test_loss_surface_of_a_quadratic(params):
       rtol=1e-6)
 
 
+def test_landscape_records_no_path_of_this_machine(tmp_path):
+  inside = os.path.join(reproduce.DEFAULT_OUT, 'dha_seed0')
+  assert landscape.recorded_workdir(inside) == os.path.join(
+      'experiments', 'reproduce_runs', 'dha_seed0')
+  assert landscape.recorded_workdir(str(tmp_path / 'dha_seed0') + '/') == (
+      'dha_seed0')
+  for name in ('ista_one_stage_seed0', 'dha_seed0'):
+    with open(os.path.join(reproduce.EXPERIMENTS_DIR,
+                           f'{name}_landscape.json')) as f:
+      assert json.load(f)['workdir'] == name
+
+
+def test_landscape_needs_workdirs_and_says_how_to_make_them(tmp_path,
+                                                            capsys):
+  with pytest.raises(SystemExit):
+    landscape.main([])
+  assert '--workdirs' in capsys.readouterr().err
+  # A committed run: its results without config.json and checkpoints.
+  committed = os.path.join(reproduce.DEFAULT_OUT, 'dha_seed0')
+  assert landscape.main(['--workdirs', committed, '--out-dir',
+                         str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  assert 'experiments.reproduce --modes ista_one_stage,dha --seeds 0' in err
+  assert '--workdirs DIR/ista_one_stage_seed0,DIR/dha_seed0' in err
+
+
 # ---------------------------------------------------------------- reproduce
 def test_replace_section_keeps_the_rest_of_the_file():
   begin, end = reproduce.BEGIN_MARKER, reproduce.END_MARKER
