@@ -48,7 +48,8 @@ def time_impl(impl: str, x: jax.Array, kernel: jax.Array, stride: int,
 
 
 def main() -> None:
-  args = benchlib.parse_args(__doc__, batch=96, repeats=10)
+  args = benchlib.parse_args(__doc__, options=('channels', 'batch', 'size'),
+                             batch=96, repeats=10)
   rng = np.random.default_rng(0)
   rows = []
   for width, k, d, s in itertools.product(WIDTHS, KERNELS, DILATIONS,

@@ -1,7 +1,8 @@
 """Step-time cost of the HPO hypergradient against a plain train step.
 
-Times three train steps on the same network (the DARTS-V2 cell network) and
-batch: plain (fixed η), HPO `exact` (Eq. 4: one more forward/backward on the
+Times three train steps on the same network (`--genotype`'s; by default
+DARTS-V2's cells, or ProxylessNAS-mobile's layers with `--space
+mobilenet`) and batch: plain (fixed η), HPO `exact` (Eq. 4: one more forward/backward on the
 HPO batch at θ⁺) and HPO `online` (the next step's training gradient; only
 the linearised optax update is added). The last line printed is JSON:
 
@@ -20,6 +21,7 @@ import jax
 from dha_jax import hpo
 from dha_jax import train
 from dha_jax.nas import search_space as ss
+from dha_jax.nas import spaces
 from experiments import benchlib
 
 
@@ -27,7 +29,8 @@ def main() -> None:
   args = benchlib.parse_args(__doc__)
   config = benchlib.bench_config(args)
   model = train.create_model(config, 10)
-  arch = ss.genotype_architecture(ss.DARTS_V2)
+  arch = ss.make_architecture(benchlib.genotype_support(
+      config, spaces.from_config(config)))
   variables = train.init_variables(model, arch, (1, args.size, args.size, 3),
                                    jax.random.key(0))
   batch = benchlib.random_batch(args.batch, args.size)

@@ -4,7 +4,8 @@ The NAS component runs, at every step, only the (edge, op) pairs of the
 current support (2 per node), with real-valued α (Eq. 7). The alternative is
 the dense super-network that computes every candidate op on every edge and
 weights it by α (zero off the support). Both are timed here with the same
-train step, network size and batch; the last line printed is JSON:
+train step, network size and batch, the sparse child being `--genotype`'s
+(DARTS-V2's cells by default); the last line printed is JSON:
 
   python -m experiments.bench_nas [--channels 8 --layers 5 --batch 16 --size 32]
 
@@ -37,9 +38,9 @@ def main() -> None:
   space = spaces.from_config(config)
   model = train.create_model(config, 10)
   dense = space.dense_support()
-  # DARTS-V2's cells, or ProxylessNAS-mobile's layers.
-  sparse = space.genotype_to_support(
-      train.load_genotype(config.model.genotype, space))
+  # `--genotype`'s; by default DARTS-V2's cells or ProxylessNAS-mobile's
+  # layers.
+  sparse = benchlib.genotype_support(config, space)
   rng = np.random.default_rng(0)
   sparse_w = {c: [rng.normal(size=len(n)).astype(np.float32)
                   for n in sparse[c]] for c in sparse}

@@ -33,6 +33,16 @@ SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false'
 BENCH_LR = 0.05
 BENCH_WD = 3e-4
 
+# The network, batch and length options of the benchmarks that time a train
+# step (`bench_config`, `network_info`), with their defaults; a benchmark
+# that times something else offers only those it reads (`parse_args`).
+STEP_OPTIONS = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32,
+                'steps': 5, 'aux': 0, 'cutout': 0, 'genotype': '',
+                'depthwise': 'auto', 'pooling': 'auto',
+                'space': 'darts_cell', 'width_multiplier': 1.0}
+# How the process runs; every benchmark offers them.
+MACHINE_OPTIONS = {'threads': 'all', 'retain_host_memory': 1}
+
 
 def time_train_step(config: ml_collections.ConfigDict, model: Any,
                     variables: dict, components: Sequence[Component],
@@ -77,29 +87,41 @@ def _time_step(fn: Any, state: Any, batch: Any, heldout: Any,
           'step_median_s': float(np.median(times))}
 
 
-def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
-  """The network and batch options every benchmark takes, plus `extra`
-  ({option name: default}; '--name' flags with the default's type).
+def parse_args(doc: str, *, options: Sequence[str] = tuple(STEP_OPTIONS),
+               argv: Sequence[str] | None = None,
+               **extra: Any) -> argparse.Namespace:
+  """The benchmark's options: `options` (names of `STEP_OPTIONS`, all of
+  them by default), `MACHINE_OPTIONS`, and `extra` ({option name: default};
+  '--name' flags with the default's type, overriding a default above).
 
   `--threads 1` runs XLA:CPU on one thread and pins the process to one CPU
   (without the pin, XLA still ran independent ops on a second core: the
   process used 1.6 CPU-seconds per second of a '1-thread' step);
-  `--retain-host-memory 1` (the default, as in `dha_jax.main`) keeps freed
-  host memory in the process (`dha_jax.host_memory`). Both must happen
-  before JAX starts its backend, which is why the benchmarks call this
-  first.
+  `--retain-host-memory 1` (the benchmarks' default; `dha_jax.main`'s
+  `--retain_host_memory` is off by default) keeps freed host memory in the
+  process (`dha_jax.host_memory`). Both must happen before JAX starts its
+  backend, which is why the benchmarks call this first.
+
+  Args:
+    doc: the benchmark's docstring (its first line is the description).
+    options: the `STEP_OPTIONS` the benchmark reads.
+    argv: the arguments (None: the command line's).
+    **extra: the benchmark's own options and their defaults.
   """
   parser = argparse.ArgumentParser(description=doc.split('\n')[0])
-  defaults = {'channels': 8, 'layers': 5, 'batch': 16, 'size': 32, 'steps': 5,
-              'aux': 0, 'cutout': 0, 'genotype': '', 'depthwise': 'auto',
-              'pooling': 'auto',
-              'threads': 'all', 'space': 'darts_cell',
-              'width_multiplier': 1.0, 'retain_host_memory': 1, **extra}
+  unknown = sorted(set(options) - set(STEP_OPTIONS))
+  if unknown:
+    raise ValueError(f'parse_args: options {unknown} are not in '
+                     f'STEP_OPTIONS {sorted(STEP_OPTIONS)}')
+  defaults = {**{name: STEP_OPTIONS[name] for name in options},
+              **MACHINE_OPTIONS, **extra}
   helps = {
       'aux': '1: the auxiliary head (weight 0.4), as DARTS on CIFAR',
       'cutout': 'side of the Cutout square on training images (0: none)',
-      'genotype': "support of the child network: '' (the search's initial "
-                  "support), 'darts_v2' or a genotype.json",
+      'genotype': "the child network: a built-in genotype of --space or a "
+                  "genotype.json; '': a search step's initial support, and "
+                  "the space's built-in genotype (DARTS-V2, ProxylessNAS-"
+                  "mobile) where a fixed network is timed",
       'depthwise': 'model.depthwise: ' + ', '.join(
           depthwise.IMPLEMENTATIONS),
       'pooling': 'model.pooling: ' + ', '.join(pooling.IMPLEMENTATIONS),
@@ -107,13 +129,14 @@ def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
                "(ProxylessNAS' 21 layers at width-multiplier)",
       'threads': "XLA:CPU threads: 'all' or '1' (one thread, pinned to one "
                  "CPU)",
-      'retain_host_memory': '1: keep freed host memory in the process '
-                            '(dha_jax.host_memory), as dha_jax.main does; 0: '
-                            "glibc's defaults"}
+      'retain_host_memory': '1 (default): keep freed host memory in the '
+                            'process (dha_jax.host_memory), what '
+                            "dha_jax.main's --retain_host_memory turns on (it "
+                            "is off there by default); 0: glibc's defaults"}
   for name, default in defaults.items():
     parser.add_argument(f'--{name.replace("_", "-")}', type=type(default),
                         default=default, help=helps.get(name))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.threads not in ('all', '1'):
     parser.error("--threads is 'all' or '1'")
   if args.threads == '1':
@@ -142,7 +165,18 @@ def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   if args.space == spaces.MOBILENET:
     config.model.genotype = 'proxyless_mobile'
     config.nas.alpha_norm = 'group_mean_abs'
+  if args.genotype:
+    config.model.genotype = args.genotype
   return config
+
+
+def genotype_support(config: ml_collections.ConfigDict,
+                     space: spaces.SearchSpace) -> dict:
+  """The support of `config.model.genotype` in `space` (`--genotype`, else
+  the space's built-in: DARTS-V2's cells or ProxylessNAS-mobile's
+  layers)."""
+  return space.genotype_to_support(
+      train.load_genotype(config.model.genotype, space))
 
 
 def network_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,13 +234,10 @@ def search_step_setup(mode: str, args: argparse.Namespace,
   config.hpo.mode = hpo_mode
   config.heldout_batch_size = hpo_batch
   config.nas.max_iters = 2000
-  if args.genotype:
-    config.model.genotype = args.genotype
   run = train.Run.create(config, workdir='')
   run.mesh = parallel.make_mesh(jax.devices()[:1])
   phase, state = train.first_phase(run)
-  support = search_space.support_items(run.space.genotype_to_support(
-      train.load_genotype(config.model.genotype, run.space)))
+  support = search_space.support_items(genotype_support(config, run.space))
   nas = state.components.get('nas')
   if nas is not None and args.genotype:
     nas = nas.replace(ista=nas.ista.replace(support=support))

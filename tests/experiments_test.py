@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 
 from dha_jax import train
+from dha_jax.nas import mobilenet_space as ms
 from dha_jax.nas import search_space as ss
+from dha_jax.nas import spaces
 from experiments import ab_step
 from experiments import ablate_search
+from experiments import benchlib
 from experiments import bench_official
 from experiments import landscape
 from experiments import profile_step
@@ -434,6 +437,45 @@ def test_ab_step_refuses_a_tree_that_is_not_a_checkout(tmp_path, capsys,
   with pytest.raises(SystemExit):
     ab_step.main()
   assert 'is not a checkout of this repository' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchlib
+# Without retained host memory: this process's malloc stays as it was.
+_NO_RETAIN = ['--retain-host-memory', '0']
+
+
+def test_a_benchmark_offers_only_the_options_it_reads(capsys):
+  options = ('channels', 'batch', 'size')
+  args = benchlib.parse_args('doc', options=options, repeats=10,
+                             argv=['--batch', '4', *_NO_RETAIN])
+  assert (args.batch, args.repeats, args.threads) == (4, 10, 'all')
+  assert not hasattr(args, 'depthwise')
+  for flag in ('--depthwise', '--genotype', '--layers', '--steps'):
+    with pytest.raises(SystemExit):
+      benchlib.parse_args('doc', options=options,
+                          argv=[flag, '1', *_NO_RETAIN])
+    assert f'unrecognized arguments: {flag}' in capsys.readouterr().err
+  with pytest.raises(ValueError, match="'repeats'"):
+    benchlib.parse_args('doc', options=('repeats',), argv=_NO_RETAIN)
+
+
+@pytest.mark.parametrize('flags, genotype', [
+    ([], ss.DARTS_V2),
+    (['--genotype', os.path.join(reproduce.EXPERIMENTS_DIR,
+                                 'bench_genotype.json')], 'bench_genotype'),
+    (['--space', 'mobilenet'], ms.PROXYLESS_MOBILE)])
+def test_the_benchmarks_time_the_genotype_of_their_options(flags, genotype):
+  """bench_nas' sparse child and bench_hpo's network are `--genotype`'s, in
+  `--space`."""
+  args = benchlib.parse_args('doc', argv=[*flags, *_NO_RETAIN])
+  config = benchlib.bench_config(args)
+  space = spaces.from_config(config)
+  if genotype == 'bench_genotype':
+    with open(args.genotype) as f:
+      genotype = ss.Genotype.from_json(f.read())
+    assert genotype != ss.DARTS_V2
+  assert benchlib.genotype_support(config, space) == (
+      space.genotype_to_support(genotype))
 
 
 # ----------------------------------------------------------- bench_official
