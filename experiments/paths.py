@@ -9,8 +9,6 @@ import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS_DIR = os.path.join(REPO_ROOT, 'experiments')
-# Run folders of the experiments (ignored by git).
-WORKDIRS = os.path.join(REPO_ROOT, 'workdirs')
 CIFAR10_ZIP = os.environ.get(
     'DHA_CIFAR10_ZIP', os.path.join(os.path.dirname(REPO_ROOT), 'shared',
                                     'data', 'cifar10', 'cifar10_jpeg.zip'))

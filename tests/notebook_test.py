@@ -1,5 +1,6 @@
 """Executes experiments/colab_tpu.ipynb on CPU with a tiny config."""
 
+import ast
 import json
 import os
 
@@ -28,3 +29,19 @@ def test_colab_notebook_runs(tmp_path):
   outputs = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code'
                     for o in c.get('outputs', []))
   assert "'test_accuracy'" in outputs
+
+
+def test_colab_notebook_installs_as_the_readme():
+  """A fresh Colab runtime installs with the README's pinned command."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = next(line.split('pip install', 1)[1].split() for line in f
+                  if 'pip install' in line)
+  nb = nbformat.read(os.path.join(REPO, 'experiments', 'colab_tpu.ipynb'),
+                     as_version=4)
+  calls = [[e.value for e in node.elts if isinstance(e, ast.Constant)]
+           for c in nb.cells if c.cell_type == 'code'
+           for node in ast.walk(ast.parse(c.source))
+           if isinstance(node, ast.List)]
+  (call,) = [c for c in calls if 'install' in c]
+  args = call[call.index('install') + 1:]
+  assert [a for a in args if a != '-q'] == readme
