@@ -79,6 +79,12 @@ def _step(worker: subprocess.Popen) -> float:
   return float(worker.stdout.readline())
 
 
+def abba_order(rounds: int) -> list[int]:
+  """Which tree (0: A, 1: B) steps next, round by round: AB, BA, AB, ...,
+  so that each tree goes first in every other round."""
+  return [i for r in range(rounds) for i in ((0, 1) if r % 2 == 0 else (1, 0))]
+
+
 def main() -> None:
   if '--worker' in sys.argv:
     _worker()
@@ -102,9 +108,8 @@ def main() -> None:
   with open(args.log, 'w') as log:
     workers = [_start(tree, args.mode, bench_args, log) for tree in trees]
     times = ([], [])
-    for r in range(args.rounds):
-      for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-        times[i].append(_step(workers[i]))
+    for i in abba_order(args.rounds):
+      times[i].append(_step(workers[i]))
     for worker in workers:
       worker.stdin.close()
       worker.wait()

@@ -412,8 +412,13 @@ def test_profile_attributes_thunks_to_source_ops_by_kind():
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_ab_step_alternates_the_trees_abba():
+  assert ab_step.abba_order(4) == [0, 1, 1, 0, 0, 1, 1, 0]
+  assert ab_step.abba_order(0) == []
+
+
 @pytest.mark.slow
-def test_ab_step_alternates_the_two_trees_steps(tmp_path):
+def test_ab_step_times_each_tree_every_round(tmp_path):
   """The same tree as A and B: every round times one step of each, and the
   paired ratio of two identical steps is near 1."""
   log = tmp_path / 'workers.log'
@@ -502,16 +507,21 @@ def test_bench_official_codes_select_exactly_the_genotypes_edges():
             == sorted((op, s) for op, s in genotype[cell]))
 
 
-@pytest.mark.parametrize('edge, match', [
-    (('dil_conv_5x5', 0), 'not an edge the official code can select'),
-    (('sep_conv_3x3', 2), 'not an edge the official code can select'),
-    (('conv_7x7', 0), 'not an edge the official code can select')])
-def test_bench_official_refuses_edges_the_official_code_cannot_run(edge,
-                                                                    match):
+@pytest.mark.parametrize('edge', [
+    ('dil_conv_5x5', 0),   # the op the official selection never picks
+    ('sep_conv_3x3', 2),   # an input node 0 does not have
+    ('conv_7x7', 0)])      # not an op of the space
+def test_bench_official_refuses_edges_the_official_code_cannot_run(edge):
   cell = [list(e) for e in _genotype()['normal']]
   cell[0] = list(edge)   # node 0 has inputs 0 and 1 only
-  with pytest.raises(ValueError, match=match):
+  op, source = edge
+  with pytest.raises(ValueError, match=(
+      f"node 0: \\('{op}', {source}\\) is not an edge the official code "
+      'can select')):
     bench_official.sparse_codes(cell)
+
+
+def test_bench_official_refuses_a_cell_without_two_edges_per_node():
   with pytest.raises(ValueError, match='has 7 edges, not 8'):
     bench_official.sparse_codes(_genotype()['normal'][:7])
 
