@@ -146,7 +146,8 @@ def test_the_default_job_is_the_base_and_the_short_run_overlay():
   base = default.get_base_config()
   config = default.get_config()
   changed = {f'{block}.{name}' for block in ('nas', 'da', 'hpo')
-             for name in base[block] if base[block][name] != config[block][name]}
+             for name in base[block]
+             if base[block][name] != config[block][name]}
   assert changed == set(default.SHORT_RUN_SEARCH) | {'nas.search_epochs',
                                                      'hpo.mode'}
   assert config.nas.search_epochs == 4
