@@ -382,8 +382,8 @@ def test_online_first_step_is_skipped_and_the_first_real_one_full_size(
   config = _config(**DIGITS_CONFIG, mode='online')
   params = {'w': 0.01 * jnp.ones((64, 10)), 'b': jnp.zeros((10,))}
   x, y = digits['x'], digits['y']
-  batches = [(x[:DIGITS_BATCH], y[:DIGITS_BATCH]),
-             (x[DIGITS_BATCH:2 * DIGITS_BATCH], y[DIGITS_BATCH:2 * DIGITS_BATCH])]
+  batches = [(x[k * DIGITS_BATCH:(k + 1) * DIGITS_BATCH],
+              y[k * DIGITS_BATCH:(k + 1) * DIGITS_BATCH]) for k in range(2)]
   step = jax.jit(lambda *args: hpo.hpo_step(DIGITS_TX, *args, config))
   hstate = hpo.init_hpo(config, params)
   opt_state = DIGITS_TX.init(params)
