@@ -131,6 +131,11 @@ def test_normalize_values():
   out = base.normalize(pixels, mean=(0., 0.2, 0.5), std=(1., 0.5, 0.25))
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out[0, 0, 0], [0., 0., 2.], atol=1e-6)
+  # Already-normalised floats would be divided by 255 again.
+  with pytest.raises(AssertionError, match='uint8'):
+    base.normalize(out, mean=(0., 0.2, 0.5), std=(1., 0.5, 0.25))
+  with pytest.raises(AssertionError, match='rank'):
+    base.normalize(pixels[0, 0, 0], mean=(0., 0.2, 0.5), std=(1., 0.5, 0.25))
 
 
 def test_train_and_eval_helpers(images):

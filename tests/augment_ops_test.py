@@ -27,7 +27,11 @@ CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                  'frog', 'horse', 'ship', 'truck')
 # Fill colour of the affine ops: CIFAR-10's mean x 255, as the reference.
 FILL = (125, 123, 114)
-LEVELS = (0., 1.3, 3.7, 5., 7.77, 10.)
+# Integer and half-integer levels put blends on integers, where a product
+# fused into the addition (XLA's multiply-add) would land one grey level off
+# (Contrast, Color, Sharpness at 3.5, 4.5, 7, 7.5, 9); the others are
+# arbitrary.
+LEVELS = (0., 1.3, 3.5, 3.7, 4.5, 5., 7., 7.5, 7.77, 9., 10.)
 SIGNS = (1., -1.)
 GEOMETRIC = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
 BILINEAR_AFFINE_OPS = frozenset(GEOMETRIC)
@@ -201,31 +205,55 @@ def test_grayscale_images_match_pillow(cifar):
 
 
 def test_parameter_functions_match_level_path(cifar):
-  """The PIL-named functions are the ops the level path applies."""
+  """The PIL-named functions, given PIL's argument, are the ops the level
+  path applies (level 5 of 10: r = 1/2, so the arguments are exact)."""
   image = jnp.asarray(cifar[3])
-  np.testing.assert_array_equal(ops.equalize(image),
-                                ops.apply_op(image, 'Equalize', 0.))
-  np.testing.assert_array_equal(ops.posterize(image, 2),
-                                ops.apply_op(image, 'Posterize', 5.))
-  np.testing.assert_array_equal(ops.solarize(image, 128),
-                                ops.apply_op(image, 'Solarize', 5.))
+  half = np.float32(0.5)
+  factor = ops.enhance_factor(5., ops.PAPER_MAX_LEVEL)
+  shear = np.float32(ops.MAX_SHEAR) * half
+  shift = np.float32(ops.MAX_TRANSLATE_FRACTION) * half * image.shape[1]
+  expected = {
+      'AutoContrast': ops.autocontrast(image),
+      'Equalize': ops.equalize(image),
+      'Rotate': ops.rotate(image, ops.MAX_ROTATE_DEGREES / 2),
+      'Posterize': ops.posterize(image, 2),
+      'Solarize': ops.solarize(image, 128),
+      'Color': ops.color(image, factor),
+      'Contrast': ops.contrast(image, factor),
+      'Brightness': ops.brightness(image, factor),
+      'Sharpness': ops.sharpness(image, factor),
+      'ShearX': ops.shear_x(image, shear),
+      'ShearY': ops.shear_y(image, shear),
+      'TranslateX': ops.translate_x(image, shift),
+      'TranslateY': ops.translate_y(image, shift),
+      'Identity': image,
+  }
+  assert set(expected) == set(ops.OP_NAMES)
+  for name, out in expected.items():
+    np.testing.assert_array_equal(out, ops.apply_op(image, name, 5.),
+                                  err_msg=name)
+  # Neutral arguments leave the image alone, and shifts move it.
   np.testing.assert_array_equal(ops.sharpness(image, 1.), image)
   np.testing.assert_array_equal(ops.rotate(image, 0.), image)
   np.testing.assert_array_equal(
       ops.translate_x(image, 4., interpolation='nearest')[:, :-4],
       image[:, 4:])
+  np.testing.assert_array_equal(
+      ops.translate_y(image, 4., interpolation='nearest')[:-4],
+      image[4:])
 
 
 def test_jit_strategies_agree_with_eager(cifar, jitted_apply_ops):
   """Traced per-example ops under jit ('select' = vmap, 'switch' = map) give
-  the eager single-image results; bilinear affine ops may differ by one
-  grey level where XLA fuses a multiply-add."""
-  rng = np.random.RandomState(0)
-  images = np.concatenate([cifar, cifar[::-1]])
-  num = len(images)
-  op_ids = np.arange(num) % ops.NUM_OPS
-  levels = rng.uniform(0, 10, num).astype(np.float32)
-  signs = rng.choice([-1., 1.], num).astype(np.float32)
+  the eager single-image results: exactly for the point and blend ops, at
+  every level of LEVELS (those where a fused multiply-add would move a
+  blend included); bilinear affine ops may differ by one grey level where
+  XLA fuses a multiply-add."""
+  op_ids, levels = (np.asarray(a).reshape(-1) for a in np.meshgrid(
+      np.arange(ops.NUM_OPS), np.asarray(LEVELS, np.float32), indexing='ij'))
+  num = len(op_ids)
+  images = cifar[np.arange(num) % len(cifar)]
+  signs = np.where(np.arange(num) % 2, 1., -1.).astype(np.float32)
   eager = np.stack([
       ops.apply_op(jnp.asarray(images[k]), int(op_ids[k]), levels[k],
                    signs[k], fill_value=FILL) for k in range(num)])

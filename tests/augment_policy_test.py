@@ -4,11 +4,13 @@ import json
 import math
 
 import jax
+import matplotlib.pyplot as plt
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
+from dha_jax.augment import component as da_component
 from dha_jax.augment import ops
 from dha_jax.augment import policy
 
@@ -102,6 +104,44 @@ def test_low_temperature_follows_policy_across_steps(jitted_sample_pairs):
   draws = np.asarray(first[0][:, 0] * 3 + first[1][:, 0])
   probs = np.asarray(policy.pair_probs(logits), np.float64)
   assert chi_square_p_value(draws, probs) > SIGNIFICANCE
+
+
+@pytest.mark.parametrize('temperature', [0, 0., -1.])
+def test_non_positive_temperature_is_rejected(skewed_logits, temperature):
+  """T = 0 would give NaN probabilities (every example drawing pair 0) and
+  T < 0 the inverted policy: a Python T <= 0 raises, naming the field."""
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match='temperature must be > 0'):
+    policy.sample_pairs(key, skewed_logits, 4, temperature)
+  with pytest.raises(ValueError, match='temperature must be > 0'):
+    policy.perturbed_pair_probs(key, skewed_logits, temperature)
+  config = da_component.default_config()
+  config.temperature = temperature
+  with pytest.raises(ValueError, match='da.temperature'):
+    da_component.make_component(config)
+
+
+def test_policy_loss_needs_integer_pair_indices(skewed_logits):
+  losses = jnp.ones((2,))
+  with pytest.raises(AssertionError, match='type'):
+    policy.policy_loss(skewed_logits, losses, jnp.asarray([0., 1.]),
+                       jnp.asarray([1, 2]))
+
+
+def test_export_without_a_final_state_writes_the_curves_only():
+  """A run whose final state no longer holds τ still gets its curves."""
+  comp = da_component.make_component(da_component.default_config())
+  state = comp.init(jax.random.key(0))
+  _, report = comp.epoch_end(state, 0)
+  reports = [{**report, 'step': 10}]
+  full = comp.export(state, reports)
+  assert set(full) == {'policy.json', 'policy.png', 'policy_search.png'}
+  assert full['policy.json']['op_names'] == list(ops.OP_NAMES)
+  curves_only = comp.export(None, reports)
+  assert set(curves_only) == {'policy_search.png'}
+  for fig in [*curves_only.values(), full['policy.png'],
+              full['policy_search.png']]:
+    plt.close(fig)
 
 
 def test_policy_loss_value_and_stopped_loss_gradient(skewed_logits):

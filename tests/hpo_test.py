@@ -116,6 +116,75 @@ def test_hypergradient_matches_finite_differences(momentum, nesterov,
                                  rtol=1e-10)
 
 
+def _reference_sgd_step(params, grads, buf, lr, wd, momentum, nesterov,
+                        grad_clip):
+  """The reference's hand-written SGD step (`SGD_STEP`), with torch's
+  Nesterov: d = clip(g) + wd·θ, buf = μ·buf + d (buf = d at the first
+  step), θ⁺ = θ − lr·buf (Nesterov: θ − lr·(d + μ·buf)).
+
+  Returns (θ⁺, buf, the step direction θ⁺ = θ − lr·direction).
+  """
+  norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads)))
+  scale = min(1.0, grad_clip / norm)
+  d = jax.tree.map(lambda g, p: scale * g + wd * p, grads, params)
+  buf = d if buf is None else jax.tree.map(lambda b, e: momentum * b + e, buf,
+                                           d)
+  direction = (jax.tree.map(lambda e, b: e + momentum * b, d, buf)
+               if nesterov else buf)
+  return (jax.tree.map(lambda p, u: p - lr * u, params, direction), buf,
+          direction)
+
+
+# (learning rate, weight decay) of each step: η changes between steps, as
+# it does under HPO, so each step must use the momentum buffer it inherits.
+REFERENCE_STEPS = ((0.3, 0.05), (0.2, 0.08), (0.25, 0.03))
+REFERENCE_MOMENTUM = 0.9
+REFERENCE_CLIP = 0.5
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_inner_step_follows_reference_sgd(nesterov):
+  """θ's optimizer is the reference step over several steps (momentum
+  buffer carried, clipping active, decay before momentum), and the exact
+  hypergradient is the closed form ∂L/∂lr = −⟨∇L(θ⁺), direction⟩ (the
+  reference's −⟨∇L(θ⁺), buf⟩ without Nesterov), ∂L/∂wd = −lr·c·⟨∇L(θ⁺), θ⟩
+  with c = 1 (1 + μ with Nesterov)."""
+  with jax.enable_x64(True):
+    config = _config(parameterization='linear', lr_bounds=(0.0, 1.0),
+                     wd_bounds=(0.0, 1.0))
+    params, train_loss, hpo_loss = _mlp_problem(jnp.float64)
+    tx = hpo.make_inner_optimizer(momentum=REFERENCE_MOMENTUM,
+                                  nesterov=nesterov, grad_clip=REFERENCE_CLIP,
+                                  hyperparam_dtype=jnp.float64)
+    opt_state = tx.init(params)
+    state = hpo.init_hpo(config, dtype=jnp.float64)
+    ref_params, buf = params, None
+    for lr, wd in REFERENCE_STEPS:
+      grads = jax.grad(train_loss)(params)
+      assert float(optax.tree.norm(grads)) > REFERENCE_CLIP
+      state = state.replace(raw={'learning_rate': jnp.float64(lr),
+                                 'weight_decay': jnp.float64(wd)})
+      update_fn = functools.partial(hpo.inner_step, tx, params, grads,
+                                    opt_state)
+      new_params, new_opt_state, hypergrad, _, _ = hpo.exact_hypergradient(
+          update_fn, lambda p: (hpo_loss(p), None), state, config)
+      ref_params, buf, direction = _reference_sgd_step(
+          ref_params, jax.grad(train_loss)(ref_params), buf, lr, wd,
+          REFERENCE_MOMENTUM, nesterov, REFERENCE_CLIP)
+      for name in params:
+        np.testing.assert_allclose(new_params[name], ref_params[name],
+                                   rtol=1e-12, atol=1e-14, err_msg=name)
+      val_grad = jax.grad(hpo_loss)(new_params)
+      np.testing.assert_allclose(
+          hypergrad['learning_rate'], -optax.tree.vdot(val_grad, direction),
+          rtol=1e-10)
+      wd_factor = 1 + REFERENCE_MOMENTUM if nesterov else 1.0
+      np.testing.assert_allclose(
+          hypergrad['weight_decay'],
+          -lr * wd_factor * optax.tree.vdot(val_grad, params), rtol=1e-10)
+      params, opt_state = new_params, new_opt_state
+
+
 def test_x64_is_not_left_on():
   assert not jax.config.jax_enable_x64
   assert jnp.zeros(()).dtype == jnp.float32
@@ -193,7 +262,10 @@ def test_digits_learning_rate_grows_and_beats_fixed(digits_runs, mode):
   wd_lo, wd_hi = DIGITS_CONFIG['wd_bounds']
   assert np.all((lr >= lr_lo * (1 - 1e-6)) & (lr <= lr_hi * (1 + 1e-6)))
   assert np.all((wd >= wd_lo * (1 - 1e-6)) & (wd <= wd_hi * (1 + 1e-6)))
-  assert np.all(np.asarray(metrics['updated']) == 1.0)
+  # Online mode has no tangents at the first step: nothing moves there.
+  first_real = 1 if mode == 'online' else 0
+  assert np.all(np.asarray(metrics['updated'])[:first_real] == 0.0)
+  assert np.all(np.asarray(metrics['updated'])[first_real:] == 1.0)
   assert int(hstate.nonfinite_count) == 0
   assert int(hstate.step) == DIGITS_STEPS
 
@@ -280,16 +352,6 @@ def test_update_every_moves_eta_only_on_multiples_of_k():
   assert int(state.nonfinite_count) == 1
 
 
-def test_restart_resets_eta():
-  config = _config(meta_optimizer='sgd', meta_lr=1.0)
-  state = hpo.init_hpo(config)
-  moved, _ = hpo.update_hpo(state, {'learning_rate': jnp.float32(1.0),
-                                    'weight_decay': jnp.float32(1.0)}, config)
-  reset = hpo.restart(moved, config)
-  assert reset.raw == state.raw
-  assert int(reset.step) == 1
-
-
 @pytest.mark.parametrize('overrides,message', [
     (dict(wd_bounds=(0.0, 1e-3)), 'lower bound > 0'),
     (dict(lr_bounds=(0.5, 0.1)), 'lo <= hi'),
@@ -313,37 +375,80 @@ def test_inner_optimizer_keeps_float32_hyperparams_under_bf16():
   assert new_params['w'].dtype == jnp.bfloat16
 
 
+def test_online_first_step_is_skipped_and_the_first_real_one_full_size(
+    digits):
+  """No tangents at the first online step: η, Adam's state and the counters
+  stay; the next step is Adam's first, which moves log η by ~meta_lr."""
+  config = _config(**DIGITS_CONFIG, mode='online')
+  params = {'w': 0.01 * jnp.ones((64, 10)), 'b': jnp.zeros((10,))}
+  x, y = digits['x'], digits['y']
+  batches = [(x[k * DIGITS_BATCH:(k + 1) * DIGITS_BATCH],
+              y[k * DIGITS_BATCH:(k + 1) * DIGITS_BATCH]) for k in range(2)]
+  step = jax.jit(lambda *args: hpo.hpo_step(DIGITS_TX, *args, config))
+  hstate = hpo.init_hpo(config, params)
+  opt_state = DIGITS_TX.init(params)
+  states = [hstate]
+  for xb, yb in batches:
+    grads = jax.grad(_logreg_loss)(params, xb, yb)
+    params, opt_state, hstate, metrics, _ = step(params, grads, opt_state,
+                                                 hstate)
+    states.append(hstate)
+  first, second = states[1], states[2]
+  assert first.raw == states[0].raw
+  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                      first.meta_opt_state, states[0].meta_opt_state)
+  assert all(jax.tree.leaves(same))
+  assert int(first.accum_count) == 0 and int(first.nonfinite_count) == 0
+  assert int(first.step) == 1
+  assert float(metrics['updated']) == 1.0
+  # (The weight decay's hypergradient here, ~1e-9, is below Adam's eps.)
+  moved = abs(float(second.raw['learning_rate'] - first.raw['learning_rate']))
+  np.testing.assert_allclose(moved, config.meta_lr, rtol=1e-3)
+
+
 @pytest.mark.parametrize('mode', ['exact', 'online'])
-def test_component_matches_hpo_step(digits, mode):
+def test_component_hypergradient_is_reference_closed_form(digits, mode):
+  """The component reads the step's context as the hypergradient needs:
+  ∂L/∂log lr = −lr·⟨∇L(θ⁺), buf⟩ with L the held-out loss at θ⁺ (exact) or
+  the next training batch's loss (online, one step stale)."""
   config = _config(**DIGITS_CONFIG, mode=mode)
   params = {'w': 0.01 * jnp.ones((64, 10)), 'b': jnp.zeros((10,))}
   x, y = digits['x'][:DIGITS_BATCH], digits['y'][:DIGITS_BATCH]
   xh, yh = digits['x'][-DIGITS_BATCH:], digits['y'][-DIGITS_BATCH:]
-  grads = jax.grad(_logreg_loss)(params, x, y)
-  opt_state = DIGITS_TX.init(params)
   component = hpo.make_component(config, params)
   hstate = component.init(jax.random.key(0))
-  # Non-zero tangents, so the online hypergradient is not trivially zero.
-  _, _, hstate, _, _ = hpo.hpo_step(
-      DIGITS_TX, params, grads, opt_state, hstate, config,
-      lambda p: (_logreg_loss(p, xh, yh), None))
-  hparams = component.hyperparams(hstate)
-  ctx = StepContext(
-      step=jnp.int32(1), key=jax.random.key(1), per_example_loss=None,
-      grads=None, stash=None, params=params, param_grads=grads,
-      inner_update=lambda hp: hpo.inner_step(DIGITS_TX, params, grads,
-                                             opt_state, hp)[0],
-      heldout_loss=lambda p: _logreg_loss(p, xh, yh))
-  from_component, metrics = component.update(hstate, ctx)
-  new_params, _, from_step, _, _ = hpo.hpo_step(
-      DIGITS_TX, params, grads, opt_state, hstate, config,
-      lambda p: (_logreg_loss(p, xh, yh), None))
-  close = jax.tree.map(lambda a, b: np.allclose(a, b, rtol=1e-6, atol=1e-9),
-                       from_component, from_step)
-  assert all(jax.tree.leaves(close))
-  assert float(metrics['hypergrad_lr']) != 0.0
-  np.testing.assert_allclose(
-      ctx.inner_update(hparams)['w'], new_params['w'], rtol=1e-6)
+  opt_state = DIGITS_TX.init(params)
+
+  def context(params, grads, opt_state):
+    return StepContext(
+        step=hstate.step, key=jax.random.key(1), per_example_loss=None,
+        grads=None, stash=None, params=params, param_grads=grads,
+        inner_update=lambda hp: hpo.inner_step(DIGITS_TX, params, grads,
+                                               opt_state, hp)[0],
+        heldout_loss=lambda p: _logreg_loss(p, xh, yh))
+
+  grads = jax.grad(_logreg_loss)(params, x, y)
+  lr = float(component.hyperparams(hstate)['learning_rate'])
+  new_params, new_opt_state = hpo.inner_step(
+      DIGITS_TX, params, grads, opt_state, component.hyperparams(hstate))
+  # The reference's buf after one step from θ (the buffer starts at zero).
+  buf = jax.tree.map(lambda a, b: -(a - b) / lr, new_params, params)
+  hstate, metrics = component.update(hstate, context(params, grads,
+                                                     opt_state))
+  if mode == 'exact':
+    val_grad = jax.grad(_logreg_loss)(new_params, xh, yh)
+    np.testing.assert_allclose(metrics['hpo_loss'],
+                               _logreg_loss(new_params, xh, yh), rtol=1e-6)
+  else:
+    assert float(metrics['updated']) == 0.0
+    # The next step's training gradient at θ⁺ gives the hypergradient.
+    val_grad = jax.grad(_logreg_loss)(new_params, xh, yh)
+    _, metrics = component.update(
+        hstate, context(new_params, val_grad, new_opt_state))
+  assert float(metrics['updated']) == 1.0
+  expected = -lr * float(optax.tree.vdot(val_grad, buf))
+  assert abs(expected) > 1e-6
+  np.testing.assert_allclose(metrics['hypergrad_lr'], expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize('mode', ['exact', 'online'])

@@ -1,4 +1,4 @@
-"""The DA component's functions: PIL-exact ops, policy τ, base augmentation.
+"""The DA component's functions: Pillow's ops, policy τ, base augmentation.
 
 * `ops`: the 14 AutoAugment ops of DHA (`OP_NAMES`), per image and batched
   with traced per-example op ids (`apply_ops`), and `augment_pairs`, which

@@ -208,6 +208,8 @@ def normalize(images: chex.Array, mean: Sequence[float],
   Returns:
     float32, same shape.
   """
+  chex.assert_rank(images, {3, 4})
+  chex.assert_type(images, jnp.uint8)
   channels = images.shape[-1]
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)

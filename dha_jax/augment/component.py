@@ -45,14 +45,14 @@ class DAState:
 def default_config() -> ml_collections.ConfigDict:
   """The DA fields (documented; `config.da` in the run configs)."""
   c = ml_collections.ConfigDict()
-  # Gumbel temperature T of the per-step sampling distribution P̃.
+  # Gumbel temperature T > 0 of the per-step sampling distribution P̃.
   c.temperature = 1.0
   # Magnitudes are drawn from U(0, magnitude) and clipped to [0, max_level]:
   # the paper's [0, 10]; the reference code uses max_level = 8.
-  c.magnitude = 10.0
-  c.max_level = 10.0
+  c.magnitude = ops.PAPER_MAX_LEVEL
+  c.max_level = ops.PAPER_MAX_LEVEL
   # Fill value of the geometric ops (rotate, shear, translate).
-  c.fill_value = 128
+  c.fill_value = ops.DEFAULT_FILL_VALUE
   # τ's optimizer: 'sgd' (the paper and the reference: d_lr, d_momentum,
   # d_nesterov, d_weight_decay) or 'adam' (a deviation for short runs: moves
   # each logit ~policy_lr per step whatever the gradient's scale). With
@@ -117,6 +117,11 @@ def summary(state: DAState, reports: list[dict]) -> str:
 def make_component(config: ml_collections.ConfigDict,
                    name: str = 'da') -> Component:
   """The DA component over the 14 ops (`ops.OP_NAMES`)."""
+  if not config.temperature > 0:
+    raise ValueError(f'da.temperature must be > 0 (the Gumbel-softmax '
+                     f'temperature T; 1 is the default), got '
+                     f'{config.temperature!r}: T = 0 gives NaN probabilities '
+                     'and T < 0 inverts the policy')
   tx = policy_optimizer(config)
   max_kl = 2.0 * math.log(ops.NUM_OPS)
   if not 0.0 <= config.max_kl_from_uniform < max_kl:
@@ -154,11 +159,13 @@ def make_component(config: ml_collections.ConfigDict,
     return state, {'epoch': epoch, **epoch_report(state.logits)}
 
   def export(state: DAState | None, reports: list[dict]) -> dict[str, Any]:
+    files = {'policy_search.png': plots.series_figure(
+        reports, PLOTTED_REPORT_KEYS, 'τ (per epoch)')}
+    if state is None:  # the final state no longer holds τ: curves only
+      return files
     policy_json = policy.export_policy(state.logits)
     return {'policy.json': policy_json,
-            'policy.png': plots.policy_figure(policy_json),
-            'policy_search.png': plots.series_figure(
-                reports, PLOTTED_REPORT_KEYS, 'τ (per epoch)')}
+            'policy.png': plots.policy_figure(policy_json), **files}
 
   return Component(name=name, init=init, augment=augment, update=update,
                    epoch_end=epoch_end, export=export, summary=summary)

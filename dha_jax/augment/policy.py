@@ -62,8 +62,17 @@ def _noise_and_draw_keys(key: chex.PRNGKey) -> tuple[jax.Array, jax.Array]:
   return noise_key, draw_key
 
 
+def _check_temperature(temperature: chex.Numeric) -> None:
+  """A Python temperature must be > 0 (a traced one cannot be checked)."""
+  if isinstance(temperature, (int, float, np.number)) and not temperature > 0:
+    raise ValueError(f'temperature must be > 0, got {temperature!r}: T = 0 '
+                     'gives NaN probabilities (every example draws pair 0) '
+                     'and T < 0 inverts the policy')
+
+
 def _perturbed_log_probs(noise_key: chex.PRNGKey, logits: chex.Array,
                          temperature: chex.Numeric) -> jax.Array:
+  _check_temperature(temperature)
   log_p = pair_log_probs(jax.lax.stop_gradient(logits)).reshape(-1)
   gumbel = jax.random.gumbel(noise_key, log_p.shape, log_p.dtype)
   return jax.nn.log_softmax((log_p + gumbel) / temperature)
@@ -79,8 +88,9 @@ def perturbed_pair_probs(key: chex.PRNGKey, logits: chex.Array,
   Args:
     key: the key that would be passed to `sample_pairs`.
     logits: τ [K, K].
-    temperature: T > 0; T -> 0 makes P̃ one-hot at argmax(log p + G), whose
-      position is itself distributed as p(τ) (the Gumbel-max trick).
+    temperature: T > 0 (a Python number <= 0 raises ValueError); T -> 0
+      makes P̃ one-hot at argmax(log p + G), whose position is itself
+      distributed as p(τ) (the Gumbel-max trick).
 
   Returns:
     [K, K] probabilities (rows: op1), no gradient.
@@ -103,7 +113,8 @@ def sample_pairs(key: chex.PRNGKey, logits: chex.Array, num: int,
     key: PRNG key of this step.
     logits: τ [K, K].
     num: number of examples (static).
-    temperature: T > 0 of the Gumbel-softmax.
+    temperature: T > 0 of the Gumbel-softmax (a Python number <= 0 raises
+      ValueError; a traced one is the caller's to check).
 
   Returns:
     (op1, op2), int32 [num] each; op1 is applied first.
@@ -128,8 +139,9 @@ def policy_loss(logits: chex.Array, per_example_loss: chex.Array,
     logits: τ [K, K].
     per_example_loss: ℓ [n], the training loss of each augmented example
       (main + aux heads); its gradient is stopped here.
-    op1: int [n], first op of each example's pair.
-    op2: int [n], second op.
+    op1: int [n] in [0, K), first op of each example's pair.
+    op2: int [n] in [0, K), second op. Indices are not range-checked (they
+      are traced); out-of-range ones read a wrong pair or a clamped index.
 
   Returns:
     Scalar loss, differentiable w.r.t. `logits`.
@@ -137,6 +149,7 @@ def policy_loss(logits: chex.Array, per_example_loss: chex.Array,
   num_ops = _check_logits(logits)
   chex.assert_rank(per_example_loss, 1)
   chex.assert_equal_shape([per_example_loss, op1, op2])
+  chex.assert_type([op1, op2], int)
   probs = jax.nn.softmax(logits.reshape(-1))
   chosen = probs[op1 * num_ops + op2]
   return jnp.mean(-jax.lax.stop_gradient(per_example_loss) * chosen)

@@ -3,7 +3,8 @@
 * `inner`: θ's optimizer with η injected (Eq. 3), used by every mode, and the
   fixed schedule that stands in for η when no HPO component runs.
 * `hypergradient`: η's parameterisation, state and optimizer, the exact
-  (Eq. 4) and online hypergradients, `hpo_step`.
+  (Eq. 4) and online hypergradients, `hpo_update` (both modes' dispatch) and
+  `hpo_step`.
 * `component`: HPO as a `dha_jax.Component`.
 """
 
@@ -13,6 +14,7 @@ from dha_jax.hpo.hypergradient import current_hparams
 from dha_jax.hpo.hypergradient import default_config
 from dha_jax.hpo.hypergradient import exact_hypergradient
 from dha_jax.hpo.hypergradient import hpo_step
+from dha_jax.hpo.hypergradient import hpo_update
 from dha_jax.hpo.hypergradient import HPOState
 from dha_jax.hpo.hypergradient import init_hpo
 from dha_jax.hpo.hypergradient import initial_hparams
@@ -20,7 +22,6 @@ from dha_jax.hpo.hypergradient import make_meta_optimizer
 from dha_jax.hpo.hypergradient import online_hypergradient
 from dha_jax.hpo.hypergradient import online_tangents
 from dha_jax.hpo.hypergradient import raw_bounds
-from dha_jax.hpo.hypergradient import restart
 from dha_jax.hpo.hypergradient import to_hparams
 from dha_jax.hpo.hypergradient import update_hpo
 from dha_jax.hpo.inner import HPARAM_DTYPE
@@ -39,6 +40,7 @@ __all__ = (
     'default_config',
     'exact_hypergradient',
     'hpo_step',
+    'hpo_update',
     'init_hpo',
     'initial_hparams',
     'inner_step',
@@ -50,7 +52,6 @@ __all__ = (
     'online_tangents',
     'optimizer_from_config',
     'raw_bounds',
-    'restart',
     'to_hparams',
     'update_hpo',
 )

@@ -1,11 +1,10 @@
 """HPO as a `dha_jax.components.Component` for the train step.
 
 The step injects `hyperparams(state)` into θ's update and then calls
-`update(state, ctx)`, which runs `exact_hypergradient` through the step's own
-update (`ctx.inner_update`, `inner_step` with the step's θ, gradients and
-optimizer state) and `ctx.heldout_loss` (exact mode), or linearises that
-update by `online_tangents` and uses `ctx.param_grads` (online mode): the
-same functions `hpo_step` runs. Per epoch (`epoch_end`) it reports η.
+`update(state, ctx)`, which runs `hpo_update` (as `hpo_step` does) through
+the step's own update (`ctx.inner_update`, `inner_step` with the step's θ,
+gradients and optimizer state), with `ctx.heldout_loss` (exact mode) or
+`ctx.param_grads` (online mode). Per epoch (`epoch_end`) it reports η.
 """
 
 from __future__ import annotations
@@ -46,15 +45,11 @@ def make_component(config: ml_collections.ConfigDict, params: PyTree,
   hg.check_config(config)
 
   def update(state: hg.HPOState, ctx: StepContext):
-    update_fn = lambda hp: (ctx.inner_update(hp), None)
-    if config.mode == 'exact':
-      _, _, hypergrad, hpo_loss, _ = hg.exact_hypergradient(
-          update_fn, lambda p: (ctx.heldout_loss(p), None), state, config)
-      state, metrics = hg.update_hpo(state, hypergrad, config)
-      return state, {**metrics, 'hpo_loss': hpo_loss}
-    hypergrad = hg.online_hypergradient(state, ctx.param_grads)
-    _, _, tangents = hg.online_tangents(update_fn, state, config)
-    return hg.update_hpo(state.replace(tangents=tangents), hypergrad, config)
+    _, _, state, metrics, _ = hg.hpo_update(
+        lambda hp: (ctx.inner_update(hp), None), state, config,
+        grads=ctx.param_grads,
+        loss_fn=lambda p: (ctx.heldout_loss(p), None))
+    return state, metrics
 
   def epoch_end(state: hg.HPOState, epoch: int):
     hparams = hg.current_hparams(state, config)

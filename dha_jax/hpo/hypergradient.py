@@ -14,7 +14,7 @@ hypergradient is autodiff through the update function the caller passes
 the record, the plain-momentum case reproduces the reference's
 ∂L/∂lr = −⟨∇L(θ⁺), buf⟩ and ∂L/∂wd = −lr·⟨∇L(θ⁺), θ⟩.) The train step passes
 its own `inner_step` (`dha_jax.components.StepContext.inner_update`), so the
-component and `hpo_step` run the same `exact_hypergradient`.
+component and `hpo_step` run the same `hpo_update`.
 
 **Parameterisation.** η is held as raw values, `log` (default) or `linear`,
 each clipped to its bounds after every update. In log space a step changes η
@@ -52,7 +52,9 @@ accumulates (masking, no Python control flow, so it jits).
   loss, so nothing pushes weight decay toward generalisation; the
   hypergradient is one step stale (taken w.r.t. η_{t−1}, applied to η_t);
   BatchNorm statistics come from the training batch. At the first step there
-  are no tangents yet and the hypergradient is zero.
+  are no tangents yet: that call moves nothing and is not counted in the
+  `update_every` window (nor in `nonfinite_count`), so η's first real update
+  is the η optimizer's first step (Adam's full size).
 
 In both modes the η used for θ_{t+1} is the one before this step's η update.
 
@@ -269,19 +271,6 @@ def init_hpo(config: ml_collections.ConfigDict, params: PyTree | None = None,
       nonfinite_count=jnp.zeros((), jnp.int32), tangents=tangents)
 
 
-def restart(state: HPOState, config: ml_collections.ConfigDict) -> HPOState:
-  """Resets η and its optimizer to the initial values (reference `restart`).
-
-  The reference does this when the post-search phase starts if
-  `hpo.restart` is set; the counters and tangents are kept.
-  """
-  raw = _initial_raw(config, state.raw['learning_rate'].dtype)
-  return state.replace(raw=raw,
-                       meta_opt_state=make_meta_optimizer(config).init(raw),
-                       accum=jax.tree.map(jnp.zeros_like, raw),
-                       accum_count=jnp.zeros((), jnp.int32))
-
-
 def current_hparams(state: HPOState, config: ml_collections.ConfigDict
                     ) -> HParams:
   """{'learning_rate', 'weight_decay'} scalars to inject into θ's optimizer."""
@@ -356,24 +345,30 @@ def online_hypergradient(state: HPOState, grads: PyTree) -> HParams:
 
 
 def update_hpo(state: HPOState, hypergrad: HParams,
-               config: ml_collections.ConfigDict
+               config: ml_collections.ConfigDict,
+               has_signal: bool | jax.Array = True,
                ) -> tuple[HPOState, dict[str, jax.Array]]:
   """η ← clip(η − β·meta_update(mean window hypergradient)) (Eq. 4).
 
   Pure and jittable. A hypergradient with any NaN/inf entry is skipped and
-  counted. η moves only when the incremented call counter is a multiple of
-  `update_every` and the window holds at least one finite hypergradient;
-  otherwise η and the η optimizer's state are left as they are.
+  counted; one without a signal (`has_signal` False: online mode's first
+  step) is skipped and not counted. η moves only when the incremented call
+  counter is a multiple of `update_every` and the window holds at least one
+  used hypergradient; otherwise η and the η optimizer's state are left as
+  they are.
 
   Args:
     state: the HPO state.
     hypergrad: {name: scalar} ∂L/∂ raw η.
     config: the HPO config.
+    has_signal: False (a bool or a traced bool scalar) when `hypergrad` is
+      not a measurement (no tangents yet), so it must not reach η's
+      optimizer.
 
   Returns:
     (new state, metrics): η after the update ('learning_rate',
     'weight_decay'), this call's hypergradient ('hypergrad_lr',
-    'hypergrad_wd'; 0 where non-finite), 'nonfinite_count', and 'updated'
+    'hypergrad_wd'; 0 where skipped), 'nonfinite_count', and 'updated'
     (1.0 when η moved this call).
   """
   chex.assert_rank([hypergrad[name] for name in HPARAM_NAMES], 0)
@@ -382,9 +377,12 @@ def update_hpo(state: HPOState, hypergrad: HParams,
                for name in HPARAM_NAMES}
   finite = jnp.all(jnp.stack(
       [jnp.isfinite(hypergrad[name]) for name in HPARAM_NAMES]))
-  safe = {name: jnp.where(finite, g, 0.0) for name, g in hypergrad.items()}
+  has_signal = jnp.asarray(has_signal, jnp.bool_)
+  chex.assert_rank(has_signal, 0)
+  used = finite & has_signal
+  safe = {name: jnp.where(used, g, 0.0) for name, g in hypergrad.items()}
   accum = {name: state.accum[name] + safe[name] for name in HPARAM_NAMES}
-  accum_count = state.accum_count + finite.astype(jnp.int32)
+  accum_count = state.accum_count + used.astype(jnp.int32)
   step = state.step + 1
   at_boundary = step % int(config.update_every) == 0
   apply = at_boundary & (accum_count > 0)
@@ -408,7 +406,8 @@ def update_hpo(state: HPOState, hypergrad: HParams,
       accum=jax.tree.map(lambda a: jnp.where(at_boundary, 0.0, a).astype(
           a.dtype), accum),
       accum_count=jnp.where(at_boundary, 0, accum_count),
-      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))
+      nonfinite_count=state.nonfinite_count
+      + (has_signal & ~finite).astype(jnp.int32))
   hparams = current_hparams(new_state, config)
   metrics = {'learning_rate': hparams['learning_rate'],
              'weight_decay': hparams['weight_decay'],
@@ -419,15 +418,55 @@ def update_hpo(state: HPOState, hypergrad: HParams,
   return new_state, metrics
 
 
+def hpo_update(update_fn: UpdateFn, state: HPOState,
+               config: ml_collections.ConfigDict, *,
+               grads: PyTree | None = None, loss_fn: LossFn | None = None,
+               ) -> tuple[PyTree, Any, HPOState, dict[str, jax.Array], Any]:
+  """θ⁺ and η's update of one train step, in either mode.
+
+  The one place that dispatches on `config.mode`: `hpo_step` and the HPO
+  component (`dha_jax.hpo.component`) both call it. θ⁺ uses the current η;
+  then η is updated (see the module docstring).
+
+  Args:
+    update_fn: hparams -> (θ⁺, aux), θ's update with η injected (as
+      `exact_hypergradient`).
+    state: the HPO state.
+    config: the HPO config.
+    grads: online mode: ∂L_train(θ_t)/∂θ on this step's training batch.
+    loss_fn: exact mode: θ -> (mean loss on the HPO batch, aux).
+
+  Returns:
+    (θ⁺, update_fn's aux, new HPO state, metrics, aux of loss_fn or None);
+    exact mode adds 'hpo_loss' (L_hpo(θ⁺)) to the metrics.
+  """
+  if config.mode == 'exact':
+    if loss_fn is None:
+      raise ValueError("hpo.mode='exact' needs loss_fn (θ -> (loss, aux) on "
+                       "the HPO batch); or set hpo.mode='online'")
+    new_params, update_aux, hypergrad, hpo_loss, aux = (
+        exact_hypergradient(update_fn, loss_fn, state, config))
+    state, metrics = update_hpo(state, hypergrad, config)
+    return new_params, update_aux, state, {**metrics,
+                                           'hpo_loss': hpo_loss}, aux
+  if grads is None:
+    raise ValueError("hpo.mode='online' needs grads (the training-loss "
+                     "gradient at θ_t); or set hpo.mode='exact'")
+  hypergrad = online_hypergradient(state, grads)
+  new_params, update_aux, tangents = online_tangents(update_fn, state, config)
+  # Every call stores tangents, so only the first has none to use.
+  state, metrics = update_hpo(state.replace(tangents=tangents), hypergrad,
+                              config, has_signal=state.step > 0)
+  return new_params, update_aux, state, metrics, None
+
+
 def hpo_step(tx: optax.GradientTransformation, params: PyTree, grads: PyTree,
              opt_state: optax.OptState, state: HPOState,
              config: ml_collections.ConfigDict,
              loss_fn: LossFn | None = None,
              ) -> tuple[PyTree, optax.OptState, HPOState, dict[str, jax.Array],
                         Any]:
-  """θ's update and η's update of one train step, in either mode.
-
-  θ⁺ uses the current η; then η is updated (see the module docstring).
+  """`hpo_update` through θ's own optimizer step (`inner_step`).
 
   Args:
     tx: θ's optimizer (`make_inner_optimizer`).
@@ -443,19 +482,6 @@ def hpo_step(tx: optax.GradientTransformation, params: PyTree, grads: PyTree,
     (θ⁺, tx's new state, new HPO state, metrics, aux of loss_fn or None);
     exact mode adds 'hpo_loss' (L_hpo(θ⁺)) to the metrics.
   """
-  update_fn = functools.partial(inner_step, tx, params, grads, opt_state)
-  if config.mode == 'exact':
-    if loss_fn is None:
-      raise ValueError("hpo.mode='exact' needs loss_fn (θ -> (loss, aux) on "
-                       "the HPO batch); or set hpo.mode='online'")
-    new_params, new_opt_state, hypergrad, hpo_loss, aux = (
-        exact_hypergradient(update_fn, loss_fn, state, config))
-    state, metrics = update_hpo(state, hypergrad, config)
-    return new_params, new_opt_state, state, {**metrics,
-                                              'hpo_loss': hpo_loss}, aux
-  hypergrad = online_hypergradient(state, grads)
-  new_params, new_opt_state, tangents = online_tangents(update_fn, state,
-                                                       config)
-  state, metrics = update_hpo(state.replace(tangents=tangents), hypergrad,
-                              config)
-  return new_params, new_opt_state, state, metrics, None
+  return hpo_update(functools.partial(inner_step, tx, params, grads,
+                                      opt_state),
+                    state, config, grads=grads, loss_fn=loss_fn)
