@@ -37,14 +37,20 @@ load a half-written library. It takes a few seconds, once per machine.
 
 **When they are used.** By default (`preferred()`) on the CPU backend of a
 process that sees one device: an FFI call cannot be split over a sharded
-batch. **Without a compiler** (or when the build fails) `available()` is
-False and `unavailable_reason()` says why; `model.depthwise = 'auto'` then
-uses the pure-XLA 'shifted' form, BatchNorm XLA's reductions, and an
-explicit 'ffi' raises with that reason.
+batch. Within `preference(False)` they are not (what counts multiply-adds
+from a trace, `nas/resources.py`, needs the XLA forms); within
+`preference(True)` they are wherever they are built.
+
+**Without a compiler** (or when the build fails) `available()` is False and
+`unavailable_reason()` says why; `model.depthwise = 'auto'` then uses the
+pure-XLA 'shifted' form, BatchNorm XLA's reductions, and an explicit 'ffi'
+raises with that reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -54,6 +60,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from typing import Iterator
 
 import jax
 import jaxlib
@@ -81,6 +88,11 @@ _SYMBOLS = {_DEPTHWISE_FORWARD: 'DhaDepthwiseForward',
             _RELU_POINTWISE_FORWARD: 'DhaReluPointwiseForward',
             _RELU_POINTWISE_BACKWARD: 'DhaReluPointwiseBackward',
             _CHANNEL_SUMS: 'DhaChannelSums'}
+
+
+# `preference`'s choice where one is in force; None: the default rule.
+_PREFERENCE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    'dha_jax_cpu_kernels_preference', default=None)
 
 
 class KernelBuildError(RuntimeError):
@@ -178,9 +190,26 @@ def preferred() -> bool:
   split an FFI call, gathers its operands and runs it on the whole batch on
   every device: the values stay right, the data parallelism is lost. There
   the pure-XLA forms, which it partitions, are used.
+
+  Within `preference(use)`: `use` (True only where the kernels are built).
   """
+  use = _PREFERENCE.get()
+  if use is not None:
+    return use and available()
   return (jax.default_backend() == 'cpu' and jax.device_count() == 1
           and available())
+
+
+@contextlib.contextmanager
+def preference(use: bool) -> Iterator[None]:
+  """Within: `preferred()` is `use` whatever the backend and devices (True
+  still needs the kernels built). It is read when a function is traced, so
+  it governs the functions traced within."""
+  token = _PREFERENCE.set(use)
+  try:
+    yield
+  finally:
+    _PREFERENCE.reset(token)
 
 
 def unavailable_reason() -> str | None:
