@@ -286,9 +286,14 @@ def _perturb(b, cell, node, scale, seed):
 
 def test_freezing(state, solve):
   config = state.config
-  # Epoch 0 never freezes, even though x did not move.
-  s0, report = ista.recover(state, epoch=0)
+  # The first recovery, after epoch 0, freezes every node whose x̂ did not
+  # move since init_ista (the reference's postrain(0) → show_selected(1)).
+  first, report = ista.recover(state, epoch=0)
   assert report['distances']['normal'] == [0.0] * ss.NUM_NODES
+  assert len(report['newly_frozen']) == 2 * ss.NUM_NODES
+  assert ista.all_frozen(first)
+  # may_freeze=False (nas.min_freeze_steps not reached) keeps them active.
+  s0, report = ista.recover(state, epoch=0, may_freeze=False)
   assert not report['newly_frozen'] and not ista.all_frozen(s0)
   assert not report['refused'] and not report['support_changed']
   assert report['ista_iters']['normal'][0] > 0

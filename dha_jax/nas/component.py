@@ -96,8 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   # is frozen.
   c.freeze_rule = 'absolute'
   c.dist_limit = ista.DEFAULT_DIST_LIMIT
-  # No node freezes before b has had this many updates (0: from the second
-  # epoch on, as the reference).
+  # No node freezes before b has had this many updates (0: from the end of
+  # the first epoch on, as the reference).
   c.min_freeze_steps = 0
   # Eq. 1: refuse a support whose network exceeds this many million
   # parameters (-1: no constraint).

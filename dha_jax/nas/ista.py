@@ -541,7 +541,9 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
 
   Host side. For each node not yet frozen, x_new = Lasso(A, b) (Eq. 5-6,
   cold start, so x_new depends on b only); the node freezes when
-  ‖x_new − x_last‖₂ ≤ dist_limit, never at epoch 0. The candidate support is
+  ‖x_new − x_last‖₂ ≤ dist_limit, from the first call on (the reference's
+  postrain after epoch 0; its "never at epoch 0" is its initial recovery,
+  here `init_ista`). The candidate support is
   `select_support` of x_new (frozen nodes keep x_last). When the candidate
   exceeds any of `budgets` (Eq. 1's resource constraint) the update is
   refused and the state is returned unchanged but for b; otherwise x_last,
@@ -550,7 +552,7 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
   Args:
     state: the current state.
     b: the current codes; `state.b` when None. The returned state holds it.
-    epoch: the epoch that just ended (0-based).
+    epoch: the epoch that just ended (0-based), for the report.
     dist_limit: the freezing threshold on ‖x_new − x_last‖₂ (absolute) or
       on ‖x_new − x_last‖₂ / ‖x_new‖₂ (relative).
     freeze_rule: one of `FREEZE_RULES`.
@@ -594,7 +596,7 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
       dist = float(np.linalg.norm(x_i - np.asarray(x_last, np.float64)))
       rel = dist / max(float(np.linalg.norm(x_i)), np.finfo(np.float64).tiny)
       measured = rel if freeze_rule == 'relative' else dist
-      freeze = may_freeze and epoch > 0 and measured <= dist_limit
+      freeze = may_freeze and measured <= dist_limit
       x_new[cell].append(jnp.asarray(result.x))
       distances[cell].append(dist)
       relative[cell].append(rel)
