@@ -481,6 +481,15 @@ def _mobilenet_config(ops_per_layer=1):
       nas, spaces.mobilenet(TINY_STAGES, ops_per_layer))
 
 
+def test_lam_is_the_reference_weight_for_the_code_length():
+  # sklearn's Lasso(alpha) divides the residual by m: λ = m·alpha.
+  assert _mobilenet_config().lam == pytest.approx(
+      LAYER_CODE_DIMS * ista.REFERENCE_LASSO_ALPHA)
+  assert ista.IstaConfig().lam == pytest.approx(
+      ista.DEFAULT_PROJ_DIMS * ista.REFERENCE_LASSO_ALPHA)
+  assert ista.IstaConfig(proj_dims=4, lam=0.5).lam == 0.5
+
+
 @pytest.fixture(scope='module')
 def layer_state():
   return ista.init_ista(jax.random.key(0), _mobilenet_config())

@@ -73,9 +73,8 @@ DEFAULT_B_INIT_SCALE = 1e-3
 DEFAULT_K_EDGES = 2
 DEFAULT_DIST_LIMIT = 1e-3
 # The reference's sklearn `Lasso(alpha=1e-5)` minimises
-# (1/2m)‖Ax − b‖² + alpha‖x‖₁, i.e. Eq. 5 with λ = m·alpha.
+# (1/2m)‖Ax − b‖² + alpha‖x‖₁, i.e. Eq. 5 with λ = m·alpha (`IstaConfig.lam`).
 REFERENCE_LASSO_ALPHA = 1e-5
-DEFAULT_LAM = DEFAULT_PROJ_DIMS * REFERENCE_LASSO_ALPHA
 # Measured on reference-scale problems (m = 7, n = 14..35, λ = 7e-5, b of
 # scale 1e-3 to 1e-1, float32): FISTA with these defaults stops within
 # 1e-4 relative error of the exact Lasso solution after 4·10³ to 3·10⁴
@@ -290,7 +289,8 @@ class IstaConfig:
       cells over `ops` (`search_space.cell_layout`). See `groups`.
     proj_dims: m, the code length of every node.
     b_init_scale: b_i is initialised as b_init_scale·N(0, 1).
-    lam: λ of Eq. 5 (unscaled residual term; see `DEFAULT_LAM`).
+    lam: λ of Eq. 5 (unscaled residual term); None: proj_dims ·
+      `REFERENCE_LASSO_ALPHA`, the reference's weight for this code length.
     max_iters: (F)ISTA iteration cap per recovery.
     tol: (F)ISTA relative stopping tolerance.
     accelerated: FISTA (True) or ISTA (False).
@@ -304,7 +304,7 @@ class IstaConfig:
   layout: Layout | None = None
   proj_dims: int = DEFAULT_PROJ_DIMS
   b_init_scale: float = DEFAULT_B_INIT_SCALE
-  lam: float = DEFAULT_LAM
+  lam: float | None = None
   max_iters: int = DEFAULT_MAX_ITERS
   tol: float = DEFAULT_TOL
   accelerated: bool = True
@@ -319,6 +319,8 @@ class IstaConfig:
                        f'got {self.alpha_norm!r}')
     object.__setattr__(self, 'ops', tuple(self.ops))
     object.__setattr__(self, 'excluded_ops', tuple(self.excluded_ops))
+    if self.lam is None:
+      object.__setattr__(self, 'lam', self.proj_dims * REFERENCE_LASSO_ALPHA)
     shapes = [shape for _, nodes in self.groups for shape in nodes]
     for shape in shapes:
       if not set(shape.ops) <= set(self.ops):
