@@ -138,6 +138,12 @@ def test_genotype_json_round_trip_and_errors():
     bad = ss.DARTS_V2._replace(
         normal=(('sep_conv_3x3', 7),) + ss.DARTS_V2.normal[1:])
     ss.genotype_to_support(bad)
+  # Node 1 with ('sep_conv_3x3', 0) twice: one op built twice under one name.
+  twice = ss.DARTS_V2._replace(normal=ss.DARTS_V2.normal[:2] + (
+      ('sep_conv_3x3', 0),) * 2 + ss.DARTS_V2.normal[4:])
+  with pytest.raises(ValueError,
+                     match=r"node 1 has the pair \('sep_conv_3x3', 0\) twice"):
+    ss.genotype_to_support(twice)
 
 
 def test_new_support_is_a_new_jit_cache_entry():
