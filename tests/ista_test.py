@@ -478,7 +478,7 @@ def _mobilenet_config(ops_per_layer=1):
   nas.proj_dims = LAYER_CODE_DIMS
   nas.max_iters = 20_000
   return nas_component.ista_config(
-      nas, spaces.mobilenet(TINY_STAGES, ops_per_layer))
+      nas, spaces.mobilenet(ms.network_plan(TINY_STAGES), ops_per_layer))
 
 
 def test_lam_is_the_reference_weight_for_the_code_length():
@@ -579,7 +579,7 @@ def test_select_support_top_ops_per_edge():
 
 
 def test_layout_config_errors():
-  layout = ms.layout(TINY_STAGES)
+  layout = ms.layout(ms.network_plan(TINY_STAGES))
   with pytest.raises(ValueError, match='ops_per_edge'):
     ista.IstaConfig(ops=ms.OPS, layout=layout, k_edges=1, excluded_ops=(),
                     ops_per_edge=7)
