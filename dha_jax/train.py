@@ -365,7 +365,7 @@ def multiply_adds(model: nn.Module, arch: search_space.Architecture,
 
   Counted with grouped depthwise convs: the other implementations compute
   the same function with C times as many (block-diagonal) or no (shifted)
-  convolution multiply-adds."""
+  convolution multiply-adds ('ffi' hides them in FFI calls)."""
   counted = model.clone(depthwise='grouped')
   return resources.multiply_adds(
       lambda v, x: counted.apply(v, x, arch, train=False),

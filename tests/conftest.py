@@ -26,9 +26,10 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
-def kernels_preferred(monkeypatch):
+def kernels_preferred():
   """The CPU kernels in use by default, as in a process with one device
   (the tests run with two, where the networks use XLA's forms)."""
   from dha_jax.nas import cpu_kernels
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
-  monkeypatch.setattr(cpu_kernels, 'preferred', lambda: True)
+  with cpu_kernels.preference(True):
+    yield

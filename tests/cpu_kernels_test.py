@@ -1,9 +1,12 @@
-"""Tests of the CPU kernels' build: cache, failures, reuse.
+"""Tests of the CPU kernels' build (cache, failures, reuse) and of the shapes
+their wrappers accept.
 
 Their values are tested through the depthwise conv (tests/depthwise_test.py:
 'ffi' against XLA's grouped conv, in value and gradient).
 """
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from dha_jax.nas import cpu_kernels
@@ -55,3 +58,58 @@ def test_cache_folder_from_the_environment(monkeypatch, tmp_path):
 def test_this_machine_builds_them():
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   assert cpu_kernels.unavailable_reason() is None
+
+
+def _f32(*shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+_X, _DW = _f32(2, 6, 6, 4), _f32(3, 3, 4)
+_PW = _f32(4, 5)
+# Each call: the kernel wrapper, its arguments, what the error names. They
+# are refused while traced (the kernels would read out of bounds or write a
+# wrong shape, silently).
+_BAD_CALLS = {
+    'sums of two shapes': (cpu_kernels.channel_sums,
+                           (_f32(2, 4), _f32(64, 4)), 'a must be'),
+    'sums of int32': (cpu_kernels.channel_sums,
+                        (_f32(2, 4), _f32(2, 4, dtype=jnp.int32)), 'float32'),
+    'pointwise channels': (cpu_kernels.relu_pointwise_forward,
+                           (_f32(3, 5), _f32(4, 2)), 'share C'),
+    'pointwise cotangent': (lambda x, k, g: cpu_kernels.relu_pointwise_backward(
+        x, k, g), (_f32(3, 4), _f32(4, 2), _f32(3, 3)), 'g must be'),
+    'depthwise rank': (lambda x, k: cpu_kernels.depthwise_forward(
+        x, k, 1, 1, 1, 6, 6), (_f32(6, 6, 4), _DW), r'\[N, H, W, C\]'),
+    'depthwise channels': (lambda x, k: cpu_kernels.depthwise_forward(
+        x, k, 1, 1, 1, 6, 6), (_X, _f32(3, 3, 8)), 'depthwise kernel'),
+    'depthwise output size': (lambda x, k: cpu_kernels.depthwise_forward(
+        x, k, 2, 1, 1, 6, 6), (_X, _DW), r'\(h_out, w_out\) must be \[3, 3\]'),
+    'depthwise cotangent': (lambda x, k, g: cpu_kernels.depthwise_backward(
+        x, k, g, 1, 1, 1), (_X, _DW, _f32(2, 5, 5, 4)), 'g must be'),
+    'separable pointwise': (lambda x, dw, pw: cpu_kernels.separable_forward(
+        x, dw, pw, 1, 1, 1, 6, 6), (_X, _DW, _f32(8, 5)), 'share C'),
+    'separable cotangent': (
+        lambda x, dw, pw, g: cpu_kernels.separable_backward(
+            x, dw, pw, g, 1, 1, 1), (_X, _DW, _PW, _f32(2, 6, 6, 4)),
+        'g must be'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_BAD_CALLS))
+def test_shapes_that_do_not_fit_are_refused_at_trace_time(case):
+  fn, args, match = _BAD_CALLS[case]
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(fn, *args)
+
+
+def test_shapes_that_fit_pass_the_checks():
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  shapes = [
+      jax.eval_shape(cpu_kernels.channel_sums, _X, _X),
+      jax.eval_shape(cpu_kernels.relu_pointwise_forward, _f32(3, 4), _PW),
+      jax.eval_shape(lambda x, k: cpu_kernels.depthwise_forward(
+          x, k, 2, 1, 1, 3, 3), _X, _DW),
+      jax.eval_shape(lambda x, dw, pw, g: cpu_kernels.separable_backward(
+          x, dw, pw, g, 1, 2, 2), _X, _DW, _PW, _f32(2, 6, 6, 5))[2],
+  ]
+  assert [s.shape for s in shapes] == [(2, 4), (3, 5), (2, 3, 3, 4), (4, 5)]

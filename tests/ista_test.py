@@ -286,9 +286,14 @@ def _perturb(b, cell, node, scale, seed):
 
 def test_freezing(state, solve):
   config = state.config
-  # Epoch 0 never freezes, even though x did not move.
-  s0, report = ista.recover(state, epoch=0)
+  # The first recovery, after epoch 0, freezes every node whose x̂ did not
+  # move since init_ista (the reference's postrain(0) → show_selected(1)).
+  first, report = ista.recover(state, epoch=0)
   assert report['distances']['normal'] == [0.0] * ss.NUM_NODES
+  assert len(report['newly_frozen']) == 2 * ss.NUM_NODES
+  assert ista.all_frozen(first)
+  # may_freeze=False (nas.min_freeze_steps not reached) keeps them active.
+  s0, report = ista.recover(state, epoch=0, may_freeze=False)
   assert not report['newly_frozen'] and not ista.all_frozen(s0)
   assert not report['refused'] and not report['support_changed']
   assert report['ista_iters']['normal'][0] > 0
@@ -473,7 +478,16 @@ def _mobilenet_config(ops_per_layer=1):
   nas.proj_dims = LAYER_CODE_DIMS
   nas.max_iters = 20_000
   return nas_component.ista_config(
-      nas, spaces.mobilenet(TINY_STAGES, ops_per_layer))
+      nas, spaces.mobilenet(ms.network_plan(TINY_STAGES), ops_per_layer))
+
+
+def test_lam_is_the_reference_weight_for_the_code_length():
+  # sklearn's Lasso(alpha) divides the residual by m: λ = m·alpha.
+  assert _mobilenet_config().lam == pytest.approx(
+      LAYER_CODE_DIMS * ista.REFERENCE_LASSO_ALPHA)
+  assert ista.IstaConfig().lam == pytest.approx(
+      ista.DEFAULT_PROJ_DIMS * ista.REFERENCE_LASSO_ALPHA)
+  assert ista.IstaConfig(proj_dims=4, lam=0.5).lam == 0.5
 
 
 @pytest.fixture(scope='module')
@@ -565,7 +579,7 @@ def test_select_support_top_ops_per_edge():
 
 
 def test_layout_config_errors():
-  layout = ms.layout(TINY_STAGES)
+  layout = ms.layout(ms.network_plan(TINY_STAGES))
   with pytest.raises(ValueError, match='ops_per_edge'):
     ista.IstaConfig(ops=ms.OPS, layout=layout, k_edges=1, excluded_ops=(),
                     ops_per_edge=7)

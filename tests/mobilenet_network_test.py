@@ -47,7 +47,7 @@ def tiny():
   plan = ms.network_plan(TINY_STAGES, width_multiplier=0.25, stem='cifar',
                          head_width=16)
   model = mn.MobileNetwork(5, plan)
-  dense = ss.layout_dense_support(ms.layout(TINY_STAGES))
+  dense = ss.layout_dense_support(ms.layout(plan))
   x = jax.random.uniform(jax.random.key(3), (4, 8, 8, 3))
   variables = model.init({'params': jax.random.key(0),
                           'dropout': jax.random.key(1)}, x,

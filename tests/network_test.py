@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dha_jax.nas import mobilenet_space as ms
 from dha_jax.nas import network
 from dha_jax.nas import search_space as ss
 
@@ -138,6 +139,12 @@ def test_genotype_json_round_trip_and_errors():
     bad = ss.DARTS_V2._replace(
         normal=(('sep_conv_3x3', 7),) + ss.DARTS_V2.normal[1:])
     ss.genotype_to_support(bad)
+  # Node 1 with ('sep_conv_3x3', 0) twice: one op built twice under one name.
+  twice = ss.DARTS_V2._replace(normal=ss.DARTS_V2.normal[:2] + (
+      ('sep_conv_3x3', 0),) * 2 + ss.DARTS_V2.normal[4:])
+  with pytest.raises(ValueError,
+                     match=r"node 1 has the pair \('sep_conv_3x3', 0\) twice"):
+    ss.genotype_to_support(twice)
 
 
 def test_new_support_is_a_new_jit_cache_entry():
@@ -157,3 +164,15 @@ def test_new_support_is_a_new_jit_cache_entry():
                        ) + support['normal'][1:]
   f(ss.make_architecture(support))
   assert len(traces) == 2
+
+
+def test_an_architecture_of_the_other_space_is_a_clear_error():
+  model = network.DARTSNetwork(10, 4, 3)
+  layers = ss.make_architecture(
+      ss.layout_dense_support(ms.layout(ms.network_plan((1, 1, 0, 0, 0, 0)))))
+  with pytest.raises(ValueError, match=r"\{'layers': 2\}.*model.space"):
+    _shapes(model, layers, 8)
+  one_cell = ss.make_architecture(
+      {'normal': ss.genotype_to_support(ss.DARTS_V2)['normal']})
+  with pytest.raises(ValueError, match='cell groups'):
+    _shapes(model, one_cell, 8)

@@ -107,7 +107,7 @@ def test_relu_conv_bn_has_the_nn_conv_parameter(kernels_preferred, stride):
       x = nn.Conv(8, (1, 1), strides=stride, use_bias=False)(nn.relu(x))
       return network.batch_norm(False)(x)
 
-  ours = network.ReLUConvBN(8, 1, stride)
+  ours = network.ReLUConvBN(8, stride)
   variables = ours.init(jax.random.key(1), x, train=False)
   ref = Reference().init(jax.random.key(1), x)
   np.testing.assert_array_equal(variables['params']['Conv_0']['kernel'],

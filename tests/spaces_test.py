@@ -35,7 +35,12 @@ def test_the_mobilenet_space_from_config():
   config = tiny.tiny_config('dha', MOBILENET)
   space = spaces.from_config(config)
   assert space.name == spaces.MOBILENET
-  assert space.layout == ms.layout((2, 2, 0, 0, 0, 0))
+  assert space.layout == ms.layout(ms.network_plan(
+      (2, 2, 0, 0, 0, 0), width_multiplier=0.25, stem='cifar', head_width=16))
+  # The first layer keeps the CIFAR stem's 8 channels at stride 1: it has
+  # the residual, and so `zero`.
+  (_, shapes), = space.layout
+  assert [len(s.ops) for s in shapes] == [7, 7, 6, 7]
   assert (space.k_edges, space.ops_per_edge, space.excluded_ops) == (1, 1, ())
   assert space.genotype_to_support(ms.MobileNetGenotype(
       ((ms.MBCONV_OPS[0],), (ms.ZERO,)) * 2))[ms.GROUP][1] == ((0, ms.ZERO),)

@@ -44,7 +44,7 @@ from dha_jax.nas import ista
 from dha_jax.nas import search_space
 from dha_jax.nas import spaces
 
-BYTES_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
+PARAMS_PER_MB = 1e6  # the reference's "param size in MB" is 1e6 parameters
 MILLION = 1e6
 CODE_LOSSES = ('train', 'heldout')
 # Curves of architecture.png, from the per-epoch reports, followed by α's
@@ -96,8 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   # is frozen.
   c.freeze_rule = 'absolute'
   c.dist_limit = ista.DEFAULT_DIST_LIMIT
-  # No node freezes before b has had this many updates (0: from the second
-  # epoch on, as the reference).
+  # No node freezes before b has had this many updates (0: from the end of
+  # the first epoch on, as the reference).
   c.min_freeze_steps = 0
   # Eq. 1: refuse a support whose network exceeds this many million
   # parameters (-1: no constraint).
@@ -179,7 +179,7 @@ def make_component(config: ml_collections.ConfigDict,
                      f'got {config.freeze_rule!r}')
   budgets = {}
   for field, resource, fn, unit in (
-      ('param_limit_mb', 'params_mb', param_count_fn, BYTES_PER_MB),
+      ('param_limit_mb', 'params_mb', param_count_fn, PARAMS_PER_MB),
       ('multiply_adds_limit_m', 'multiply_adds_m', multiply_adds_fn,
        MILLION)):
     if config[field] > 0:

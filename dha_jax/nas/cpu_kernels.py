@@ -37,14 +37,20 @@ load a half-written library. It takes a few seconds, once per machine.
 
 **When they are used.** By default (`preferred()`) on the CPU backend of a
 process that sees one device: an FFI call cannot be split over a sharded
-batch. **Without a compiler** (or when the build fails) `available()` is
-False and `unavailable_reason()` says why; `model.depthwise = 'auto'` then
-uses the pure-XLA 'shifted' form, BatchNorm XLA's reductions, and an
-explicit 'ffi' raises with that reason.
+batch. Within `preference(False)` they are not (what counts multiply-adds
+from a trace, `nas/resources.py`, needs the XLA forms); within
+`preference(True)` they are wherever they are built.
+
+**Without a compiler** (or when the build fails) `available()` is False and
+`unavailable_reason()` says why; `model.depthwise = 'auto'` then uses the
+pure-XLA 'shifted' form, BatchNorm XLA's reductions, and an explicit 'ffi'
+raises with that reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -54,10 +60,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from typing import Iterator
 
 import jax
 import jaxlib
 import numpy as np
+
+from dha_jax.nas import windows
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 CACHE_ENV = 'DHA_JAX_KERNEL_CACHE'
@@ -81,6 +90,11 @@ _SYMBOLS = {_DEPTHWISE_FORWARD: 'DhaDepthwiseForward',
             _RELU_POINTWISE_FORWARD: 'DhaReluPointwiseForward',
             _RELU_POINTWISE_BACKWARD: 'DhaReluPointwiseBackward',
             _CHANNEL_SUMS: 'DhaChannelSums'}
+
+
+# `preference`'s choice where one is in force; None: the default rule.
+_PREFERENCE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    'dha_jax_cpu_kernels_preference', default=None)
 
 
 class KernelBuildError(RuntimeError):
@@ -178,9 +192,26 @@ def preferred() -> bool:
   split an FFI call, gathers its operands and runs it on the whole batch on
   every device: the values stay right, the data parallelism is lost. There
   the pure-XLA forms, which it partitions, are used.
+
+  Within `preference(use)`: `use` (True only where the kernels are built).
   """
+  use = _PREFERENCE.get()
+  if use is not None:
+    return use and available()
   return (jax.default_backend() == 'cpu' and jax.device_count() == 1
           and available())
+
+
+@contextlib.contextmanager
+def preference(use: bool) -> Iterator[None]:
+  """Within: `preferred()` is `use` whatever the backend and devices (True
+  still needs the kernels built). It is read when a function is traced, so
+  it governs the functions traced within."""
+  token = _PREFERENCE.set(use)
+  try:
+    yield
+  finally:
+    _PREFERENCE.reset(token)
 
 
 def unavailable_reason() -> str | None:
@@ -193,6 +224,46 @@ def _require() -> None:
   loaded = _load()
   if isinstance(loaded, KernelBuildError):
     raise loaded
+
+
+def _check_float32(op: str, **arrays: jax.Array) -> None:
+  for name, a in arrays.items():
+    if a.dtype != np.float32:
+      raise ValueError(f'{op}: the kernels take float32, got {name} of '
+                       f'{a.dtype}; cast it or use the XLA form')
+
+
+def _check_shape(op: str, name: str, shape: tuple[int, ...],
+                 expected: tuple[int, ...]) -> None:
+  if tuple(shape) != tuple(expected):
+    raise ValueError(f'{op}: {name} must be {list(expected)}, got '
+                     f'{list(shape)}')
+
+
+def _check_window(op: str, x: jax.Array, kernel_shape: tuple[int, ...],
+                  stride: int, dilation: int, padding: int) -> tuple[int, int]:
+  """Checks an [N, H, W, C] input and its [k, k, C] depthwise kernel; the
+  output's (H', W')."""
+  if x.ndim != 4:
+    raise ValueError(f'{op}: x must be [N, H, W, C], got {list(x.shape)}')
+  k = kernel_shape[0]
+  _check_shape(op, 'the depthwise kernel', kernel_shape, (k, k, x.shape[3]))
+  if stride < 1 or dilation < 1 or padding < 0:
+    raise ValueError(f'{op}: stride ({stride}) and dilation ({dilation}) '
+                     f'must be positive and padding ({padding}) non-negative')
+  h_out, w_out = (windows.output_size(n, k, stride, dilation, padding)
+                  for n in x.shape[1:3])
+  if h_out < 1 or w_out < 1:
+    raise ValueError(f'{op}: a {k}×{k} window (dilation {dilation}, padding '
+                     f'{padding}) does not fit in {x.shape[1]}×{x.shape[2]}')
+  return h_out, w_out
+
+
+def _check_rows(op: str, x: jax.Array, kernel: jax.Array) -> None:
+  """Checks x [..., C] and a 1×1 kernel [C, C_out]."""
+  if x.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+    raise ValueError(f'{op}: x [..., C] and kernel [C, C_out] must share C, '
+                     f'got {list(x.shape)} and {list(kernel.shape)}')
 
 
 def _attributes(stride: int, dilation: int, padding: int) -> dict:
@@ -214,7 +285,14 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int,
 
   Returns:
     [N, h_out, w_out, C].
+
+  Raises:
+    ValueError: at trace time, for shapes or dtypes that do not fit.
   """
+  _check_float32('depthwise_forward', x=x, kernel=kernel)
+  _check_shape('depthwise_forward', '(h_out, w_out)', (h_out, w_out),
+               _check_window('depthwise_forward', x, kernel.shape, stride,
+                             dilation, padding))
   _require()
   out = jax.ShapeDtypeStruct((x.shape[0], h_out, w_out, x.shape[3]), x.dtype)
   return jax.ffi.ffi_call(_DEPTHWISE_FORWARD, out)(
@@ -226,6 +304,11 @@ def depthwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array,
                        ) -> tuple[jax.Array, jax.Array]:
   """(∂x, ∂kernel) of `depthwise_forward` for the cotangent g
   [N, h_out, w_out, C]: ∂x [N, H, W, C], ∂kernel [k, k, C]."""
+  _check_float32('depthwise_backward', x=x, kernel=kernel, g=g)
+  h_out, w_out = _check_window('depthwise_backward', x, kernel.shape, stride,
+                               dilation, padding)
+  _check_shape('depthwise_backward', 'g', g.shape,
+               (x.shape[0], h_out, w_out, x.shape[3]))
   _require()
   return jax.ffi.ffi_call(
       _DEPTHWISE_BACKWARD,
@@ -241,6 +324,12 @@ def separable_forward(x: jax.Array, depthwise_kernel: jax.Array,
   """ReLU → depthwise → pointwise in one pass: `depthwise_forward` of
   max(x, 0) with depthwise_kernel [k, k, C], times pointwise_kernel
   [C, C_out]: [N, h_out, w_out, C_out]."""
+  _check_float32('separable_forward', x=x, depthwise_kernel=depthwise_kernel,
+                 pointwise_kernel=pointwise_kernel)
+  _check_shape('separable_forward', '(h_out, w_out)', (h_out, w_out),
+               _check_window('separable_forward', x, depthwise_kernel.shape,
+                             stride, dilation, padding))
+  _check_rows('separable_forward', x, pointwise_kernel)
   _require()
   out = jax.ShapeDtypeStruct(
       (x.shape[0], h_out, w_out, pointwise_kernel.shape[1]), x.dtype)
@@ -256,6 +345,14 @@ def separable_backward(x: jax.Array, depthwise_kernel: jax.Array,
   """(∂x, ∂depthwise_kernel, ∂pointwise_kernel) of `separable_forward` for
   the cotangent g [N, h_out, w_out, C_out]; the depthwise output is
   recomputed, one image at a time, not kept."""
+  _check_float32('separable_backward', x=x, depthwise_kernel=depthwise_kernel,
+                 pointwise_kernel=pointwise_kernel, g=g)
+  h_out, w_out = _check_window('separable_backward', x,
+                               depthwise_kernel.shape, stride, dilation,
+                               padding)
+  _check_rows('separable_backward', x, pointwise_kernel)
+  _check_shape('separable_backward', 'g', g.shape,
+               (x.shape[0], h_out, w_out, pointwise_kernel.shape[1]))
   _require()
   return jax.ffi.ffi_call(
       _SEPARABLE_BACKWARD,
@@ -268,6 +365,8 @@ def separable_backward(x: jax.Array, depthwise_kernel: jax.Array,
 def relu_pointwise_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """max(x, 0) · kernel over the channel axis, a block of rows at a time:
   x [..., C] and kernel [C, C_out] float32 → [..., C_out]."""
+  _check_float32('relu_pointwise_forward', x=x, kernel=kernel)
+  _check_rows('relu_pointwise_forward', x, kernel)
   _require()
   out = jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[1],), x.dtype)
   return jax.ffi.ffi_call(_RELU_POINTWISE_FORWARD, out)(x, kernel)
@@ -277,6 +376,10 @@ def relu_pointwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array
                             ) -> tuple[jax.Array, jax.Array]:
   """(∂x, ∂kernel) of `relu_pointwise_forward` for the cotangent g
   [..., C_out]; the ReLU is recomputed from x, not kept."""
+  _check_float32('relu_pointwise_backward', x=x, kernel=kernel, g=g)
+  _check_rows('relu_pointwise_backward', x, kernel)
+  _check_shape('relu_pointwise_backward', 'g', g.shape,
+               x.shape[:-1] + (kernel.shape[1],))
   _require()
   return jax.ffi.ffi_call(
       _RELU_POINTWISE_BACKWARD,
@@ -287,6 +390,10 @@ def relu_pointwise_backward(x: jax.Array, kernel: jax.Array, g: jax.Array
 def channel_sums(a: jax.Array, b: jax.Array) -> jax.Array:
   """[Σ b, Σ a·b] over every axis but the last, for a and b [..., C]
   float32 of one shape: [2, C], summed in double and rounded to float32."""
+  _check_float32('channel_sums', a=a, b=b)
+  if b.ndim < 1:
+    raise ValueError('channel_sums: a and b must be [..., C], got scalars')
+  _check_shape('channel_sums', 'a', a.shape, b.shape)
   _require()
   return jax.ffi.ffi_call(
       _CHANNEL_SUMS, jax.ShapeDtypeStruct((2, b.shape[-1]), b.dtype))(a, b)

@@ -73,16 +73,22 @@ DEFAULT_B_INIT_SCALE = 1e-3
 DEFAULT_K_EDGES = 2
 DEFAULT_DIST_LIMIT = 1e-3
 # The reference's sklearn `Lasso(alpha=1e-5)` minimises
-# (1/2m)‖Ax − b‖² + alpha‖x‖₁, i.e. Eq. 5 with λ = m·alpha.
+# (1/2m)‖Ax − b‖² + alpha‖x‖₁, i.e. Eq. 5 with λ = m·alpha (`IstaConfig.lam`).
 REFERENCE_LASSO_ALPHA = 1e-5
-DEFAULT_LAM = DEFAULT_PROJ_DIMS * REFERENCE_LASSO_ALPHA
 # Measured on reference-scale problems (m = 7, n = 14..35, λ = 7e-5, b of
-# scale 1e-3 to 1e-1, float32): FISTA with these defaults stops within
-# 1e-4 relative error of the exact Lasso solution after 4·10³ to 3·10⁴
-# iterations, where tol = 1e-6 stopped up to 4e-3 away. 10⁵ iterations take
-# ~20 ms on a CPU.
+# scale 1e-3 to 1e-1, 5 draws each, float32) against sklearn's exact Lasso
+# solution: with these defaults FISTA stopped after 1.6·10³ to 4·10⁴
+# iterations, within 2e-4 relative error; 3 of the 60 (n = 35, scale 1e-1)
+# hit the cap and are reported unconverged, two of them 8e-5 away, one 0.27.
+# tol = 1e-6 stopped after 5·10² to 2·10⁴ iterations, up to 2e-2 away. An
+# iteration takes a few µs on a CPU (10⁵: 0.4-0.6 s on a busy 2-core
+# machine), so an epoch's recovery of 8 cell nodes takes 0.1 s to a few s.
 DEFAULT_MAX_ITERS = 100_000
-# Relative: stop when ‖x_{k+1} − x_k‖ ≤ tol·‖x_{k+1}‖.
+# Relative: stop when ‖x_{k+1} − x_k‖ ≤ tol·‖x_{k+1}‖. Below float32's
+# resolution (ε ≈ 1.2e-7) on purpose: the loop runs until the iterate stops
+# changing but for rounding (its largest entries exactly), since on these
+# weakly regularised problems a small step is no sign of being near the
+# optimum (tol = 1e-6 above).
 DEFAULT_TOL = 1e-8
 # How α is scaled for the forward pass (`architecture_from_codes`): 'none'
 # is Eq. 7 as the reference; 'mean_abs' divides each node's α by its mean
@@ -290,7 +296,8 @@ class IstaConfig:
       cells over `ops` (`search_space.cell_layout`). See `groups`.
     proj_dims: m, the code length of every node.
     b_init_scale: b_i is initialised as b_init_scale·N(0, 1).
-    lam: λ of Eq. 5 (unscaled residual term; see `DEFAULT_LAM`).
+    lam: λ of Eq. 5 (unscaled residual term); None: proj_dims ·
+      `REFERENCE_LASSO_ALPHA`, the reference's weight for this code length.
     max_iters: (F)ISTA iteration cap per recovery.
     tol: (F)ISTA relative stopping tolerance.
     accelerated: FISTA (True) or ISTA (False).
@@ -304,7 +311,7 @@ class IstaConfig:
   layout: Layout | None = None
   proj_dims: int = DEFAULT_PROJ_DIMS
   b_init_scale: float = DEFAULT_B_INIT_SCALE
-  lam: float = DEFAULT_LAM
+  lam: float | None = None
   max_iters: int = DEFAULT_MAX_ITERS
   tol: float = DEFAULT_TOL
   accelerated: bool = True
@@ -319,6 +326,8 @@ class IstaConfig:
                        f'got {self.alpha_norm!r}')
     object.__setattr__(self, 'ops', tuple(self.ops))
     object.__setattr__(self, 'excluded_ops', tuple(self.excluded_ops))
+    if self.lam is None:
+      object.__setattr__(self, 'lam', self.proj_dims * REFERENCE_LASSO_ALPHA)
     shapes = [shape for _, nodes in self.groups for shape in nodes]
     for shape in shapes:
       if not set(shape.ops) <= set(self.ops):
@@ -541,7 +550,9 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
 
   Host side. For each node not yet frozen, x_new = Lasso(A, b) (Eq. 5-6,
   cold start, so x_new depends on b only); the node freezes when
-  ‖x_new − x_last‖₂ ≤ dist_limit, never at epoch 0. The candidate support is
+  ‖x_new − x_last‖₂ ≤ dist_limit, from the first call on (the reference's
+  postrain after epoch 0; its "never at epoch 0" is its initial recovery,
+  here `init_ista`). The candidate support is
   `select_support` of x_new (frozen nodes keep x_last). When the candidate
   exceeds any of `budgets` (Eq. 1's resource constraint) the update is
   refused and the state is returned unchanged but for b; otherwise x_last,
@@ -550,7 +561,7 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
   Args:
     state: the current state.
     b: the current codes; `state.b` when None. The returned state holds it.
-    epoch: the epoch that just ended (0-based).
+    epoch: the epoch that just ended (0-based), for the report.
     dist_limit: the freezing threshold on ‖x_new − x_last‖₂ (absolute) or
       on ‖x_new − x_last‖₂ / ‖x_new‖₂ (relative).
     freeze_rule: one of `FREEZE_RULES`.
@@ -594,7 +605,7 @@ def recover(state: IstaState, b: dict[str, PerNode] | None = None, *,
       dist = float(np.linalg.norm(x_i - np.asarray(x_last, np.float64)))
       rel = dist / max(float(np.linalg.norm(x_i)), np.finfo(np.float64).tiny)
       measured = rel if freeze_rule == 'relative' else dist
-      freeze = may_freeze and epoch > 0 and measured <= dist_limit
+      freeze = may_freeze and measured <= dist_limit
       x_new[cell].append(jnp.asarray(result.x))
       distances[cell].append(dist)
       relative[cell].append(rel)

@@ -11,8 +11,8 @@ for the sparse child. The layers and widths are those of
     x [N, H, W, 3] → 3×3 conv, stride s₀ → BN → ReLU6
       → MBConv(3×3, e = 1) to 16·w                       (fixed)
       → searchable layer i = 0 .. L−1:
-          y = [x +] Σ_{o ∈ S_i} α_{i,o} · MBConv_o(x)     (residual: not the
-                                                           first of a stage)
+          y = [x +] Σ_{o ∈ S_i} α_{i,o} · MBConv_o(x)     (residual: stride 1,
+                                                           width unchanged)
       → 1×1 conv to the head width → BN → ReLU6 → mean over H, W → dense
       → logits [N, classes]
 
@@ -20,8 +20,8 @@ Every candidate's parameters are named by layer and op —
 `layer{i}/{op}` — so a parameter tree initialised on the dense support holds
 those of every sparse support and pruning it to the final genotype is a key
 lookup (`network.prune_params`). Drop path, in training, drops the whole
-searched branch of a residual layer (stochastic depth); a first layer of a
-stage has no identity to fall back on and is never dropped. BatchNorm uses
+searched branch of a residual layer (stochastic depth); a layer without a
+residual has no identity to fall back on and is never dropped. BatchNorm uses
 ProxylessNAS' ε = 1e-3 (docs/fidelity.md, 'NAS', 'MobileNet space').
 """
 
@@ -109,8 +109,8 @@ class SearchableLayer(nn.Module):
       if not self.spec.residual:
         raise ValueError(
             f'support {self.support}: `zero` skips a layer through its '
-            'identity residual, which the first layer of a stage lacks; '
-            'give it an MBConv')
+            'identity residual, which a layer that changes the stride or '
+            'the width lacks; give it an MBConv')
       return x
     if not self.spec.residual:
       return branch

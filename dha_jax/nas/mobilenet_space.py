@@ -15,12 +15,14 @@ global average pooling and the classifier:
       6    320      1       1
 
 Every searchable layer chooses among MBConv with kernel k ∈ {3, 5, 7} and
-expansion e ∈ {3, 6} (`MBCONV_OPS`); a layer that is not the first of its
-stage keeps its input shape, so it has an identity residual and may also
+expansion e ∈ {3, 6} (`MBCONV_OPS`). As in ProxylessNAS, a layer that keeps
+its input's shape (stride 1, input width = its width: every layer but a
+stage's first, and a stage's first where neither changes, e.g. the CIFAR
+stem's first stage at width 0.25) has an identity residual and may also
 choose `zero` (the layer is skipped: output = input):
 
-    first of a stage:  y = Σ_{o ∈ S} α_o · MBConv_o(x)
-    any later layer:   y = x + Σ_{o ∈ S} α_o · MBConv_o(x)     (zero: 0)
+    shape changes:  y = Σ_{o ∈ S} α_o · MBConv_o(x)
+    shape kept:     y = x + Σ_{o ∈ S} α_o · MBConv_o(x)     (zero: 0)
 
 In the terms of `search_space`, the space is one group, 'layers', whose
 nodes (one per searchable layer) have a single input edge (edge 0) carrying
@@ -77,7 +79,8 @@ def make_divisible(width: float, divisor: int = CHANNEL_DIVISOR) -> int:
 
 class LayerSpec(NamedTuple):
   """One searchable layer: its output width, stride and whether it has the
-  identity residual (and so may choose `zero`)."""
+  identity residual (stride 1 and as wide as its input; it may then choose
+  `zero`)."""
   features: int
   stride: int
   residual: bool
@@ -124,7 +127,8 @@ def network_plan(stage_layers: Sequence[int] = STAGE_LAYERS,
 
   Every width but the head's is `make_divisible(width · width_multiplier)`;
   the head keeps `head_width` unless the multiplier exceeds 1. A stage's
-  stride applies to its first layer; a stage of 0 layers is left out.
+  stride applies to its first layer; a stage of 0 layers is left out. A
+  layer of stride 1 whose input is as wide as it has the identity residual.
 
   Args:
     stage_layers: searchable layers per stage of `STAGES`.
@@ -144,26 +148,29 @@ def network_plan(stage_layers: Sequence[int] = STAGE_LAYERS,
                      f'model.head_channels ({head_width}) must be positive')
   scale = lambda width: make_divisible(width * width_multiplier)
   layers = []
-  for stage, ((width, _, stride), count) in enumerate(zip(STAGES,
-                                                          stage_layers)):
+  in_width = first_block_width = scale(FIRST_BLOCK_WIDTH)
+  for stage, ((width, _, stage_stride), count) in enumerate(
+      zip(STAGES, stage_layers)):
     if stem == 'cifar' and stage == 0:
-      stride = 1
-    layers.extend(LayerSpec(scale(width), stride if i == 0 else 1, i > 0)
-                  for i in range(count))
+      stage_stride = 1
+    for i in range(count):
+      stride = stage_stride if i == 0 else 1
+      layers.append(LayerSpec(scale(width), stride,
+                              stride == 1 and in_width == scale(width)))
+      in_width = scale(width)
   return NetworkPlan(
       stem_width=scale(STEM_WIDTH),
       stem_stride=IMAGENET_STRIDE if stem == 'imagenet' else 1,
-      first_block_width=scale(FIRST_BLOCK_WIDTH), layers=tuple(layers),
+      first_block_width=first_block_width, layers=tuple(layers),
       head_width=(make_divisible(head_width * width_multiplier)
                   if width_multiplier > 1 else head_width))
 
 
-def layout(stage_layers: Sequence[int] = STAGE_LAYERS) -> Layout:
-  """The searchable nodes: one per layer, one edge, its candidate ops."""
-  stage_layers = check_stage_layers(stage_layers)
-  shapes = tuple(NodeShape(1, OPS if i > 0 else MBCONV_OPS)
-                 for count in stage_layers for i in range(count))
-  return ((GROUP, shapes),)
+def layout(plan: NetworkPlan | None = None) -> Layout:
+  """The searchable nodes of `plan` (None: `network_plan()`): one per layer,
+  one edge, its candidate ops."""
+  plan = network_plan() if plan is None else plan
+  return ((GROUP, tuple(NodeShape(1, spec.ops) for spec in plan.layers)),)
 
 
 class MobileNetGenotype(NamedTuple):
@@ -208,16 +215,16 @@ GENOTYPES = {'proxyless_mobile': PROXYLESS_MOBILE}
 
 
 def genotype_to_support(genotype: MobileNetGenotype,
-                        stage_layers: Sequence[int] = STAGE_LAYERS
+                        plan: NetworkPlan | None = None
                         ) -> dict[str, CellSupport]:
   """The support {'layers': ((0, op), ...) per layer} of a genotype,
-  validated against the layers of `stage_layers`."""
-  shapes = dict(layout(stage_layers))[GROUP]
+  validated against the layers of `plan` (None: `network_plan()`)."""
+  shapes = dict(layout(plan))[GROUP]
   if len(genotype.layers) != len(shapes):
     raise ValueError(
-        f'the genotype has {len(genotype.layers)} layers, '
-        f'model.stage_layers={tuple(stage_layers)} gives {len(shapes)}: set '
-        'model.stage_layers to that of the run that wrote the genotype')
+        f'the genotype has {len(genotype.layers)} layers, the network of '
+        f'model.stage_layers has {len(shapes)}: set model.stage_layers to '
+        'that of the run that wrote the genotype')
   for i, (ops, shape) in enumerate(zip(genotype.layers, shapes)):
     if not ops or len(set(ops)) != len(ops):
       raise ValueError(f'genotype layer {i}: {list(ops)} must name one or '
@@ -226,7 +233,9 @@ def genotype_to_support(genotype: MobileNetGenotype,
       if op not in shape.ops:
         raise ValueError(f'genotype layer {i}: op {op!r} is not a candidate '
                          f'of this layer; its candidates are '
-                         f'{list(shape.ops)}')
+                         f'{list(shape.ops)} (`{ZERO}` needs a residual: '
+                         'stride 1 and equal input and output widths, which '
+                         'model.width_multiplier and model.stem decide)')
   return {GROUP: tuple(tuple(sorted((0, op) for op in ops))
                        for ops in genotype.layers)}
 

@@ -45,6 +45,9 @@ BN_EPSILON = 1e-5
 STEM_MULTIPLIER = 3
 AUX_CHANNELS = (128, 768)
 AUX_POOL = 5
+# The auxiliary head's 5×5 average pool strides by stem, as DARTS'
+# AuxiliaryHeadCIFAR (8 px → 2) and AuxiliaryHeadImageNet (14 px → 5).
+AUX_POOL_STRIDES = {'cifar': 3, 'imagenet': 2}
 
 
 def batch_norm(train: bool, name: str | None = None,
@@ -58,26 +61,21 @@ def batch_norm(train: bool, name: str | None = None,
 
 
 class ReLUConvBN(nn.Module):
-  """ReLU → conv (no bias) → BN; a 1×1 conv's ReLU and product (of the
-  strided input) are one op (`separable_conv.relu_pointwise_conv`), its
-  parameter named as `nn.Conv`'s (Conv_0)."""
+  """ReLU → 1×1 conv (no bias) → BN, the cells' preprocessing (DARTS'
+  ReLUConvBN, which the cells only use with a 1×1 kernel); the ReLU and the
+  product (of the strided input) are one op
+  (`separable_conv.relu_pointwise_conv`), its parameter named as
+  `nn.Conv`'s (Conv_0)."""
   features: int
-  kernel: int
   stride: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.kernel == 1:
-      kernel = separable_conv.ConvKernel(
-          (1, 1, x.shape[-1], self.features), name='Conv_0')()
-      s = self.stride
-      return batch_norm(train)(
-          separable_conv.relu_pointwise_conv(x[:, ::s, ::s], kernel))
-    x = nn.relu(x)
-    x = dense_conv.Conv(self.features, (self.kernel, self.kernel),
-                 strides=self.stride, padding=self.kernel // 2,
-                use_bias=False)(x)
-    return batch_norm(train)(x)
+    kernel = separable_conv.ConvKernel(
+        (1, 1, x.shape[-1], self.features), name='Conv_0')()
+    s = self.stride
+    return batch_norm(train)(
+        separable_conv.relu_pointwise_conv(x[:, ::s, ::s], kernel))
 
 
 class DilConv(nn.Module):
@@ -209,8 +207,8 @@ class Cell(nn.Module):
                drop_path_rate: jax.Array | None) -> jax.Array:
     c = self.features
     s0 = (FactorizedReduce(c, name='pre0')(s0, train) if self.reduction_prev
-          else ReLUConvBN(c, 1, name='pre0')(s0, train))
-    s1 = ReLUConvBN(c, 1, name='pre1')(s1, train)
+          else ReLUConvBN(c, name='pre0')(s0, train))
+    s1 = ReLUConvBN(c, name='pre1')(s1, train)
     states = [s0, s1]
     for i, pairs in enumerate(self.support):
       node = 0.0
@@ -282,6 +280,14 @@ class DARTSNetwork(nn.Module):
   def __call__(self, x: jax.Array, arch: Architecture, *, train: bool,
                drop_path_rate: float | jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
+    groups = {group: len(nodes) for group, nodes in arch.support}
+    expected = {cell: search_space.NUM_NODES
+                for cell in search_space.CELL_TYPES}
+    if groups != expected:
+      raise ValueError(
+          f'the architecture has groups {groups} (nodes per group); the DARTS '
+          f'network needs the cell groups {expected} (check model.space and '
+          'the genotype)')
     c = self.channels
     rate = as_drop_path_rate(drop_path_rate)
     if self.stem == 'cifar':
@@ -317,7 +323,7 @@ class DARTSNetwork(nn.Module):
       reduction_prev = reduction
       if self.auxiliary and train and layer == 2 * self.layers // 3:
         aux_logits = AuxiliaryHead(
-            self.num_classes, 3 if self.stem == 'cifar' else 2,
+            self.num_classes, AUX_POOL_STRIDES[self.stem],
             name='aux_head')(s1, train)
     logits = nn.Dense(self.num_classes, name='classifier')(
         jnp.mean(s1, axis=(1, 2)))

@@ -151,6 +151,14 @@ def _check_cell(pairs: Sequence[tuple[str, int]], ops: Sequence[str],
     if not 0 <= inp < num_edges(node):
       raise ValueError(f'genotype.{name}[{k}]: input {inp} out of range '
                        f'[0, {num_edges(node)}) for node {node}')
+  for node in range(NUM_NODES):
+    first, second = pairs[2 * node], pairs[2 * node + 1]
+    if tuple(first) == tuple(second):
+      # The network would build one op twice under one name.
+      raise ValueError(
+          f'genotype.{name}[{2 * node}:{2 * node + 2}]: node {node} has the '
+          f'pair {tuple(first)} twice; a node needs two distinct (op, input) '
+          'pairs')
 
 
 def genotype_to_support(genotype: Genotype) -> dict[str, CellSupport]:

@@ -92,18 +92,20 @@ def cell_space(include_none: bool = False) -> SearchSpace:
       support_to_genotype=search_space.support_to_genotype)
 
 
-def mobilenet(stage_layers: tuple[int, ...] = mobilenet_space.STAGE_LAYERS,
+def mobilenet(plan: mobilenet_space.NetworkPlan | None = None,
               ops_per_layer: int = 1) -> SearchSpace:
-  """The MobileNet space with `stage_layers` searchable layers per stage,
-  keeping `ops_per_layer` ops per layer."""
+  """The MobileNet space over the searchable layers of `plan` (None:
+  `mobilenet_space.network_plan()`), keeping `ops_per_layer` ops per
+  layer."""
+  plan = mobilenet_space.network_plan() if plan is None else plan
   return SearchSpace(
       name=MOBILENET, ops=mobilenet_space.OPS,
-      layout=mobilenet_space.layout(stage_layers), k_edges=1,
+      layout=mobilenet_space.layout(plan), k_edges=1,
       ops_per_edge=ops_per_layer, excluded_ops=(),
       genotypes=mobilenet_space.GENOTYPES,
       parse_genotype=mobilenet_space.MobileNetGenotype.from_json,
       genotype_to_support=functools.partial(
-          mobilenet_space.genotype_to_support, stage_layers=stage_layers),
+          mobilenet_space.genotype_to_support, plan=plan),
       support_to_genotype=mobilenet_space.support_to_genotype)
 
 
@@ -134,14 +136,20 @@ def from_config(config: ml_collections.ConfigDict) -> SearchSpace:
   if not 1 <= ops_per_layer <= len(mobilenet_space.MBCONV_OPS):
     raise ValueError(
         f'nas.ops_per_layer={ops_per_layer} must be in [1, '
-        f'{len(mobilenet_space.MBCONV_OPS)}], the candidates of the first '
-        'layer of a stage.')
+        f'{len(mobilenet_space.MBCONV_OPS)}], the candidates of a layer '
+        'without a residual.')
   if config.nas.include_none:
     raise ValueError("nas.include_none adds DARTS' `none` op to the cell "
                      "space; the MobileNet space has `zero` (skip a layer) "
                      'already: set nas.include_none=False.')
-  return mobilenet(mobilenet_space.check_stage_layers(
-      config.model.stage_layers), ops_per_layer)
+  return mobilenet(_mobilenet_plan(config.model), ops_per_layer)
+
+
+def _mobilenet_plan(model: ml_collections.ConfigDict
+                    ) -> mobilenet_space.NetworkPlan:
+  return mobilenet_space.network_plan(
+      model.stage_layers, model.width_multiplier, model.stem,
+      model.head_channels)
 
 
 def create_network(model: ml_collections.ConfigDict,
@@ -162,8 +170,6 @@ def create_network(model: ml_collections.ConfigDict,
   if model.auxiliary:
     raise ValueError("model.auxiliary adds DARTS' auxiliary head; the "
                      'MobileNet network has none: set model.auxiliary=False.')
-  plan = mobilenet_space.network_plan(
-      model.stage_layers, model.width_multiplier, model.stem,
-      model.head_channels)
-  return mobilenet_network.MobileNetwork(num_classes=num_classes, plan=plan,
+  return mobilenet_network.MobileNetwork(num_classes=num_classes,
+                                         plan=_mobilenet_plan(model),
                                          depthwise=model.depthwise)
