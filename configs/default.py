@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seed of parameter init, augmentation sampling, batch order and dropout.
   config.seed = 0
-  # What to run (the paper's methods; dha_jax/train.py MODES):
+  # What to run (the paper's methods; dha_jax/modes.py MODES):
   #   'train'               train the fixed genotype `model.genotype`;
   #   'dha'                 one-stage ISTA-NAS + DA + HPO, jointly (DHA);
   #   'ista_one_stage'      NAS only (One-Stage ISTA);
