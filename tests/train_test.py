@@ -135,6 +135,41 @@ def test_a_learned_lr_is_annealed_in_the_update_and_in_its_gradient():
                              fraction * m2['eta/dtotal_dlr'], rtol=1e-4)
 
 
+def _heldout_probe():
+  """Reports the held-out loss of θ and the training loss of the step."""
+  def update(state, ctx):
+    return state, {'heldout': ctx.heldout_loss(ctx.params),
+                   'train': jnp.mean(ctx.per_example_loss)}
+  return dha_jax.Component(name='probe', init=lambda key: {}, update=update,
+                           uses_heldout=True)
+
+
+def test_the_heldout_forward_draws_its_own_drop_path_masks():
+  # No augmentation and no auxiliary head: on the training batch, the two
+  # forwards differ only in their drop-path masks.
+  config = tiny_config()
+  config.model.auxiliary = False
+  config.preprocess.pad = 0
+  model, arch, tx, variables, batch, _ = _tiny_network(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
+  losses = {}
+  for rate in (0.0, 0.5):
+    fn = step_lib.make_train_step(
+        mesh, model=model, tx=tx, components=(_heldout_probe(),),
+        fixed_arch=arch, pre=pre, aux_weight=0.0,
+        default_hparams=lambda s: {'learning_rate': jnp.float32(0.1),
+                                   'weight_decay': jnp.float32(0.0)},
+        drop_path_rate=lambda s, rate=rate: jnp.float32(rate))
+    sharded = parallel.shard_batch(mesh, batch)
+    _, metrics = fn(_initial_state(mesh, tx, variables, {'probe': {}}),
+                    sharded, sharded)
+    losses[rate] = (float(metrics['probe/heldout']),
+                    float(metrics['probe/train']))
+  assert losses[0.0][0] == pytest.approx(losses[0.0][1], rel=1e-5)
+  assert abs(losses[0.5][0] - losses[0.5][1]) > 1e-3
+
+
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run') / 'wd')
