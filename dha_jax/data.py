@@ -641,6 +641,10 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   if not 0.0 <= config.val_ratio < 1.0:
     raise DataError(f'dataset.val_ratio={config.val_ratio}: give a fraction '
                     'in [0, 1).')
+  for field in ('max_train_examples', 'max_test_examples'):
+    if config[field] == 0 or config[field] < -1:
+      raise DataError(f'dataset.{field}={config[field]}: give a positive '
+                      'number of examples, or -1 for all of them.')
   in_memory = _in_memory(config)
   stats = _given_stats(config)
   train, test, class_names = loaders[config.source](config)

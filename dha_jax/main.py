@@ -41,6 +41,21 @@ flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 to '
                      'num_processes - 1; process 0 writes the files.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# The exit status of a bad command line (the shell's convention for misuse).
+USAGE_EXIT_CODE = 2
+
+
+def check_process_flags() -> None:
+  """Refuses --num_processes / --process_id without --distributed: alone
+  they would leave every process thinking it is process 0, all writing the
+  workdir."""
+  given = [f'--{name}' for name in ('num_processes', 'process_id')
+           if FLAGS[name].value is not None]
+  if given and not (FLAGS.distributed or FLAGS.coordinator_address):
+    raise flags.ValidationError(
+        f'{" and ".join(given)} describe a multi-process job: add '
+        '--distributed (and --coordinator_address where it is not '
+        'detected), or drop them to run one process.')
 
 
 def initialize_distributed() -> None:
@@ -74,6 +89,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = FLAGS(argv)
     FLAGS.config.keys()  # a config file that failed to load raises here
+    check_process_flags()
     return remaining
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
           OSError) as e:
@@ -88,7 +104,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f'error: {message}', file=sys.stderr)
     print(f'Usage: python -m dha_jax.main --config=configs/<name>.py '
           '--workdir=DIR [--config.field=value ...]', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(USAGE_EXIT_CODE)
 
 
 def warn_ignored_overrides(argv: list[str]) -> None:
@@ -106,12 +122,16 @@ def warn_ignored_overrides(argv: list[str]) -> None:
       print(f'warning: {message}', file=sys.stderr)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if FLAGS.retain_host_memory:   # before JAX starts its backend's threads
-    host_memory.retain_freed_memory()
+  # Before JAX starts its backend's threads.
+  if FLAGS.retain_host_memory and not host_memory.retain_freed_memory():
+    message = ('--retain_host_memory has no effect here: the C library is '
+               'not glibc, whose malloc settings it changes.')
+    logging.warning('%s', message)
+    print(f'warning: {message}', file=sys.stderr)
   initialize_distributed()
   logging.info('JAX %s on %d %s device(s), %d process(es); this is process '
                '%d.', jax.__version__, jax.device_count(),

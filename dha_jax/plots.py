@@ -34,7 +34,7 @@ def policy_figure(policy: dict[str, Any]) -> plt.Figure:
 
 
 def series_figure(records: Sequence[dict[str, Any]], keys: Sequence[str],
-                  title: str, log_scale: bool = False) -> plt.Figure:
+                  title: str) -> plt.Figure:
   """One panel per key: the key's value against `step` where present."""
   fig, axes = plt.subplots(len(keys), 1, figsize=(FIGSIZE[0], 2.2 * len(keys)),
                            sharex=True, squeeze=False)
@@ -43,8 +43,6 @@ def series_figure(records: Sequence[dict[str, Any]], keys: Sequence[str],
     if points:
       ax.plot(*zip(*points), marker='.' if len(points) < 50 else None)
     ax.set_ylabel(key, fontsize=8)
-    if log_scale:
-      ax.set_yscale('log')
   axes[-1, 0].set_xlabel('step')
   axes[0, 0].set_title(title)
   fig.tight_layout()

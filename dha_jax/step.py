@@ -40,6 +40,9 @@ from dha_jax.nas.search_space import Architecture
 
 PyTree = Any
 Batch = tuple[jax.Array, jax.Array]
+# Folded into the step's dropout key for the held-out forward, so that its
+# drop-path masks are drawn apart from those of the training forward.
+HELDOUT_DROPOUT_STREAM = 1
 
 
 @flax.struct.dataclass
@@ -209,10 +212,12 @@ def train_step(state: TrainState, batch: Batch, hpo_batch: Batch, *,
   def heldout_loss(params, overrides=None):
     # Main-head loss on the un-augmented HPO batch, BN in training mode as
     # the reference (docs/fidelity.md, 'HPO'); its batch statistics are not
-    # kept.
+    # kept. A forward of its own, so drop-path draws its own masks.
     values = trainables if overrides is None else {**trainables, **overrides}
-    per_example, _, _ = forward(params, values, new_stats, hpo_images,
-                                hpo_batch[1], {'dropout': drop_key}, False)
+    per_example, _, _ = forward(
+        params, values, new_stats, hpo_images, hpo_batch[1],
+        {'dropout': jax.random.fold_in(drop_key, HELDOUT_DROPOUT_STREAM)},
+        False)
     return jnp.mean(per_example)
 
   metrics = {'loss': loss,

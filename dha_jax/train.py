@@ -13,8 +13,9 @@ and write the results. The loop knows components only through their hooks
   genotype.json, model.msgpack, the components' exports, PNG plots
   summary.json    written once at the end (its presence marks a finished run)
 
-Files are written atomically (temporary file, then rename), so a kill never
-leaves a half-written result.
+Result files are written atomically (temporary file, then rename), so a
+kill never leaves a half-written result. metrics.jsonl is appended one line
+per record; a line torn by a kill is dropped when the run resumes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from dha_jax import modes
 from dha_jax import parallel
 from dha_jax import plots
 from dha_jax import step as step_lib
-from dha_jax.components import Component, component_key
+from dha_jax.components import Component, check_components, component_key
 from dha_jax.hpo import inner as hpo_inner
 from dha_jax.nas import depthwise
 from dha_jax.nas import pooling
@@ -57,8 +58,16 @@ from dha_jax.nas import spaces
 
 SUMMARY_FILE = 'summary.json'
 METRICS_FILE = 'metrics.jsonl'
+# The phase of the record of the final evaluation, written after the last
+# checkpoint.
+TEST_PHASE = 'test'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+# The folder of a checkpoint that holds the TrainState: the `state` item
+# that `_save` writes beside the progress.
+STATE_ITEM = 'state'
+# A refusal lists at most this many differing state entries.
+MAX_LISTED = 5
 # Checkpoints that failed to restore are moved here, never deleted.
 DAMAGED_DIR = 'damaged_checkpoints'
 GENOTYPE_FILE = 'genotype.json'
@@ -73,7 +82,6 @@ PLOT_DPI = 100
 RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps',
                     'keep_checkpoints', 'compilation_cache_dir', 'tensorboard',
                     'eval_every_epochs')
-SEARCH, FIXED, TRAIN = modes.SEARCH, modes.FIXED, modes.TRAIN
 
 
 class RunError(RuntimeError):
@@ -151,10 +159,11 @@ class MetricsWriter:
   """Appends one JSON object per line to workdir/metrics.jsonl and, with
   `tensorboard`, the same numbers as TensorBoard scalars.
 
-  On resume, lines of steps after the restored checkpoint are dropped (and
-  their TensorBoard events purged), so the steps continue where the
-  checkpoint left off instead of repeating. In a multi-process run only
-  process 0 writes; the others' writers do nothing.
+  On resume, the records that the restored checkpoint does not hold are
+  dropped (and their TensorBoard events purged): those of later steps, and
+  the test record of its own step, written after it was saved. The steps
+  then continue where the checkpoint left off instead of repeating. In a
+  multi-process run only process 0 writes; the others' writers do nothing.
   """
 
   def __init__(self, workdir: str, resume_step: int, tensorboard: bool):
@@ -164,9 +173,10 @@ class MetricsWriter:
     if not self.enabled:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f
-                if line.strip() and json.loads(line)['step'] <= resume_step]
+      kept = [json.dumps(r, sort_keys=True) + '\n'
+              for r in _read_records(self.path, torn_tail_ok=True)
+              if r['step'] < resume_step or (
+                  r['step'] == resume_step and r.get('phase') != TEST_PHASE)]
       write_text_atomic(self.path, ''.join(kept))
     if tensorboard:
       self.events = tensorboardX.SummaryWriter(
@@ -215,8 +225,32 @@ def _to_python(value: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of workdir/metrics.jsonl."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_records(os.path.join(workdir, METRICS_FILE))
+
+
+def _read_records(path: str, torn_tail_ok: bool = False
+                  ) -> list[dict[str, Any]]:
+  """The JSON lines of `path`. With `torn_tail_ok`, a last line that does
+  not parse (a kill in the middle of appending it) is dropped with a
+  warning.
+
+  Raises:
+    RunError: when another line does not parse.
+  """
+  with open(path) as f:
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for i, line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if torn_tail_ok and i == lines[-1][0]:
+        logging.warning('Dropping the torn last line %d of %s (%s).', i,
+                        path, e)
+        continue
+      raise RunError(f'{path} line {i} is not JSON ({e}); the file is '
+                     'damaged. Repair or delete that line, then rerun.') from e
+  return records
 
 
 def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]
@@ -422,6 +456,13 @@ class Run:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Run':
+    """Checks the whole config and builds the run; writes nothing.
+
+    Raises:
+      RunError, DataError: the config or the data is unusable (the message
+        names the field and the fix).
+    """
+    check_loop_config(config)
     try:
       spec = modes.mode_spec(config.mode)
     except modes.ModeError as e:
@@ -458,11 +499,26 @@ class Run:
         train_eval=train_eval_subset(ds.train, config.eval_train_examples,
                                      config.dataset.split_seed),
         eval_fn=step_lib.make_eval_step(mesh, model=model, pre=pre))
+    for phase in run.phases:
+      try:
+        check_components(list(run.components(phase, param_shapes=None)))
+      except ValueError as e:
+        raise RunError(
+            f'The components of the {phase.name} phase clash: {e}. Give each '
+            'user component of config.extra_components its own name and a '
+            'slot that no other component of the mode fills, and list each '
+            'factory once.') from e
     # The held-out batch feeds the components that declare `uses_heldout`
-    # (exact HPO, the two-stage search); other runs never read it, so the
-    # training split stands in.
+    # (exact HPO, the two-stage search); the phases without one never read
+    # it (`run_phase`).
     if run.uses_heldout():
-      data_lib.steps_per_epoch(ds.hpo, heldout_batch_size)  # fails clearly
+      try:
+        data_lib.steps_per_epoch(ds.hpo, heldout_batch_size)
+      except data_lib.DataError as e:
+        raise RunError(
+            f'The HPO split ({len(ds.hpo)} examples) holds no held-out batch '
+            f'of {heldout_batch_size}: lower heldout_batch_size, or raise '
+            'dataset.val_ratio (or dataset.max_train_examples).') from e
       run.hpo_split = ds.hpo
     return run
 
@@ -500,6 +556,22 @@ class Run:
     """Multiply-adds per image of the network on `support` (inference)."""
     return multiply_adds(self.model, search_space.make_architecture(support),
                          self.shape)
+
+
+def check_loop_config(config: ml_collections.ConfigDict) -> None:
+  """Raises RunError on a loop field that the run would only trip over
+  after writing its workdir."""
+  if not isinstance(config.seed, int) or config.seed < 0:
+    raise RunError(f'config.seed={config.seed!r}: give a non-negative '
+                   'integer.')
+  for field in ('log_every_steps', 'checkpoint_every_steps'):
+    if config[field] <= 0:
+      raise RunError(f'config.{field}={config[field]}: give a positive '
+                     'number of steps.')
+  if config.eval_train_examples == 0 or config.eval_train_examples < -1:
+    raise RunError(f'config.eval_train_examples={config.eval_train_examples}'
+                   ': give a positive number of examples, or -1 for all of '
+                   'them (0 would measure the train accuracy on none).')
 
 
 def train_eval_subset(split: data_lib.Split, max_examples: int, seed: int
@@ -576,7 +648,9 @@ def phase_index(run: Run, name: str) -> int:
   names = [p.name for p in run.phases]
   if name not in names:
     raise RunError(f'The checkpoint is of a {name!r} phase, which mode '
-                   f'{run.config.mode!r} does not have ({names}).')
+                   f'{run.config.mode!r} does not have ({names}): the '
+                   'workdir was made by a different code version. Use a new '
+                   '--workdir, or rerun with the code that made it.')
   return names.index(name)
 
 
@@ -660,22 +734,40 @@ def restore_checkpoint(run: Run, manager: ocp.CheckpointManager
                        ) -> tuple[Progress, step_lib.TrainState, int | None]:
   """The newest checkpoint that reads back, or the fresh start.
 
-  A checkpoint that fails to restore (a file deleted or truncated) is moved
-  to workdir/damaged_checkpoints/ with a warning, and the next older one is
-  tried.
+  A checkpoint whose files fail to read (deleted or truncated) is moved to
+  workdir/damaged_checkpoints/ with a warning, and the next older one is
+  tried; when none is left, the run starts afresh.
 
   Returns:
     (progress, the state on the host, the checkpoint's step or None).
+
+  Raises:
+    RunError: when a checkpoint reads back but is not of this run's code
+      and components (another phase, state tree or shape): nothing is moved.
   """
+  damaged = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return _restore_step(run, manager, step)
+      progress, state = _read_checkpoint(run, manager, step)
+    except RunError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types for damaged files.
       aside = _move_aside(run.workdir, manager, step)
       logging.warning('The checkpoint of step %d does not read back (%s: '
                       '%s); moved it to %s and trying an older one.', step,
                       type(e).__name__, str(e).splitlines()[0][:200], aside)
+      damaged.append(step)
+      continue
+    components = dict(state.components)
+    for c in run.components(run.phases[_state_origin(
+        run, phase_index(run, progress.phase))], _param_shapes(state)):
+      if c.restore is not None:
+        components[c.name] = c.restore(components[c.name])
+    return progress, state.replace(components=components), step
+  if damaged:
+    logging.warning('No checkpoint reads back (all moved to %s); starting '
+                    'from step 0.', DAMAGED_DIR)
   progress = Progress(phase=run.phases[0].name)
   return progress, fresh_state(run, 0, progress), None
 
@@ -696,21 +788,37 @@ def _move_aside(workdir: str, manager: ocp.CheckpointManager,
   return target
 
 
-def _restore_step(run: Run, manager: ocp.CheckpointManager, latest: int
-                  ) -> tuple[Progress, step_lib.TrainState, int]:
-  meta = manager.restore(latest, args=ocp.args.Composite(
+def _read_checkpoint(run: Run, manager: ocp.CheckpointManager, step: int
+                     ) -> tuple[Progress, step_lib.TrainState]:
+  """The progress and state saved at `step`, read into this run's template.
+
+  Raises:
+    RunError: the checkpoint is of another phase set or state tree.
+    Exception: of Orbax or TensorStore, when its files do not read.
+  """
+  meta = manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
   index = phase_index(run, meta['phase'])
   progress = Progress.from_json(meta, run.phases[index].fresh_state)
   template = fresh_state(run, _state_origin(run, index), progress)
-  state = manager.restore(latest, args=ocp.args.Composite(
+  stored = ocp.StandardCheckpointHandler().metadata(
+      manager.directory / str(step) / STATE_ITEM).tree
+  differences = ocp.tree.tree_difference(
+      ocp.tree.serialize_tree(template, keep_empty_nodes=True), stored,
+      is_leaf=lambda x: not isinstance(x, (dict, list, tuple)) or not x,
+      leaves_equal=lambda a, b: (getattr(a, 'shape', None)
+                                 == getattr(b, 'shape', None)))
+  if differences:
+    paths = sorted('/'.join(map(str, path)) for path in ocp.tree.to_flat_dict(
+        differences, is_leaf=lambda x: hasattr(x, 'lhs')))
+    raise RunError(
+        f'The checkpoint of step {step} reads back, but its state differs '
+        f'from what this run builds (in {paths[:MAX_LISTED]}): the workdir '
+        'was made by a different code version or component set; nothing was '
+        'moved. Use a new --workdir, or rerun with the code that made it.')
+  state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template)))['state']
-  components = dict(state.components)
-  for c in run.components(run.phases[_state_origin(run, index)],
-                          _param_shapes(state)):
-    if c.restore is not None:
-      components[c.name] = c.restore(components[c.name])
-  return progress, state.replace(components=components), latest
+  return progress, state
 
 
 def next_progress(run: Run, phase: Phase, state: step_lib.TrainState,
@@ -756,8 +864,9 @@ def log_search_summary(run: Run, phase: Phase,
 
 def deployable_variables(run: Run, state: step_lib.TrainState,
                          arch: search_space.Architecture) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of `state` pruned to `arch`'s support."""
-  shapes = run.variable_shapes(arch)
+  """{'params', 'batch_stats'} of `state` pruned to `arch`'s support, as
+  the network runs at inference: without the training-only auxiliary head."""
+  shapes = variable_shapes(run.model, arch, run.shape, train=False)
   return {k: network.prune_params(getattr(state, k), shapes[k])
           for k in ('params', 'batch_stats')}
 
@@ -849,15 +958,21 @@ def _all_finite(tree: Any) -> bool:
 def _log_window(writer: MetricsWriter, history: list[dict], done: int,
                 phase: Phase, steps_per_epoch: int, window_start: float,
                 window_steps: int) -> None:
+  """Writes the mean metrics of the steps since the last log; their time
+  per step only when the window holds a timed step (the first step of a
+  phase, which compiles, is not timed)."""
   values = {k: float(np.mean([float(m[k]) for m in history]))
             for k in history[0]}
-  rate = window_steps / max(time.time() - window_start, 1e-9)
-  eta = (phase.end - done) / max(rate, 1e-9)
+  line = (f'[{phase.name}] step {done}/{phase.end}  loss {values["loss"]:.4f}'
+          f'  acc {values["accuracy"]:.3f}  lr {values["learning_rate"]:.4g}')
+  if window_steps:
+    seconds = max(time.time() - window_start, 1e-9) / window_steps
+    values['step_seconds'] = seconds
+    line += (f'  {1.0 / seconds:.2f} steps/s  '
+             f'ETA {(phase.end - done) * seconds:.0f} s')
   writer.write(done, {'phase': phase.name, 'epoch': done / steps_per_epoch,
-                      'step_seconds': 1.0 / max(rate, 1e-9), **values})
-  logging.info('[%s] step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.2f steps/s  '
-               'ETA %.0f s', phase.name, done, phase.end, values['loss'],
-               values['accuracy'], values['learning_rate'], rate, eta)
+                      **values})
+  logging.info('%s', line)
 
 
 def _save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
@@ -904,9 +1019,12 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
   train_iter = data_lib.train_batches(run.dataset.train, config.batch_size,
                                       seed=config.seed, start_step=start,
                                       **parallel.process_slice())
-  hpo_iter = data_lib.train_batches(run.hpo_split, run.heldout_batch_size,
-                                    seed=config.seed + 1, start_step=start,
-                                    **parallel.process_slice())
+  # A phase without a held-out reader gets the training batch in its place
+  # (the step ignores it), so nothing is read or sent to the devices for it.
+  hpo_iter = (data_lib.train_batches(run.hpo_split, run.heldout_batch_size,
+                                     seed=config.seed + 1, start_step=start,
+                                     **parallel.process_slice())
+              if any(c.uses_heldout for c in phase.components) else None)
   if start < phase.end:
     logging.info('%s phase: steps %d to %d (%d per epoch). Compiling the '
                  'step, this might take some minutes...', phase.name, start,
@@ -915,7 +1033,8 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
   for step in range(start, phase.end):
     run.compiled.add((phase.name, jax.tree.structure(state.components)))
     batch = parallel.shard_batch(run.mesh, next(train_iter))
-    hpo_batch = parallel.shard_batch(run.mesh, next(hpo_iter))
+    hpo_batch = (batch if hpo_iter is None
+                 else parallel.shard_batch(run.mesh, next(hpo_iter)))
     state, metrics = train_fn(state, batch, hpo_batch)
     history.append(metrics)
     window_steps += 1
@@ -943,6 +1062,10 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
                                            state.batch_stats, arch)})
       if _search_done(phase, state):
         logging.info('The search is done at step %d.', done)
+        if history:
+          _check_window(writer, history, done, manager)
+          _log_window(writer, history, done, phase, spe, window_start,
+                      window_steps)
         return state
     if done % config.checkpoint_every_steps == 0 and done < phase.end:
       _save(manager, state, progress, writer)
@@ -955,8 +1078,9 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
 
 
 # ------------------------------------------------------------ the results
-def evaluate(eval_fn, params, batch_stats, arch, split: data_lib.Split,
-             batch_size: int, mesh) -> dict[str, float]:
+def evaluate(eval_fn: Callable, params: Any, batch_stats: Any,
+             arch: search_space.Architecture, split: data_lib.Split,
+             batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Accuracy and mean loss over a whole split."""
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
   for images, labels, mask in data_lib.eval_batches(
@@ -1020,7 +1144,7 @@ def write_results(run: Run, writer: MetricsWriter, state: step_lib.TrainState,
   # The HPO split is held out from θ's training: choices between runs are
   # made on it, never on the test split.
   fit = evaluate_fit(run, *repl)
-  writer.write(int(state.step), {'phase': 'test',
+  writer.write(int(state.step), {'phase': TEST_PHASE,
                                  'test_accuracy': test['accuracy'],
                                  'test_loss': test['loss'], **fit})
   logging.info('Test accuracy %.4f, loss %.4f (HPO split accuracy %s, clean '
@@ -1126,28 +1250,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # ---------------------------------------------------- the phases
   with contextlib.closing(MetricsWriter(
-      workdir, int(state.step), config.tensorboard)) as writer, \
-      stop_requests() as stop:
-    try:
-      while True:
-        phase = build_phase(run, progress, state)
-        state = run_phase(run, phase, parallel.replicate(run.mesh, state),
-                          progress, manager, writer, stop)
-        if phase.spec.searching:
-          log_search_summary(run, phase, state)
-        following = next_progress(run, phase, state, progress)
-        if following is not None and run.phases[
-            phase_index(run, following.phase)].fresh_state:
-          state = fresh_state(run, phase_index(run, following.phase), following)
-        progress = following or progress
-        _save(manager, parallel.replicate(run.mesh, state), progress, writer)
-        if following is None:
-          break
-    finally:
-      # Pending asynchronous saves finish (or fail) before the run ends, also
-      # when it ends by an error: no half-written checkpoint is left behind.
-      manager.wait_until_finished()
-      manager.close()
+      workdir, int(state.step), config.tensorboard)) as writer:
+    with stop_requests() as stop:
+      try:
+        while True:
+          phase = build_phase(run, progress, state)
+          state = run_phase(run, phase, parallel.replicate(run.mesh, state),
+                            progress, manager, writer, stop)
+          if phase.spec.searching:
+            log_search_summary(run, phase, state)
+          following = next_progress(run, phase, state, progress)
+          if following is not None and run.phases[
+              phase_index(run, following.phase)].fresh_state:
+            state = fresh_state(run, phase_index(run, following.phase),
+                                following)
+          progress = following or progress
+          _save(manager, parallel.replicate(run.mesh, state), progress,
+                writer)
+          # A signal during the phase's last step (or the search's) stops
+          # the run here, its state saved, before the next phase compiles or
+          # the final evaluation starts.
+          if _stop_requested(stop, int(state.step), every=1):
+            raise Interrupted(stop[0] if stop else signal.SIGTERM,
+                              int(state.step))
+          if following is None:
+            break
+      finally:
+        # Pending asynchronous saves finish (or fail) before the run ends,
+        # also when it ends by an error: no half-written checkpoint is left.
+        manager.wait_until_finished()
+        manager.close()
 
     # -------------------------------------------------- the results
+    # Outside `stop_requests`: a signal now ends the process as usual. The
+    # result files are atomic and the test record is dropped on resume, so a
+    # rerun writes the results again from the final checkpoint.
     return write_results(run, writer, state, phase, progress, start_time)

@@ -4,10 +4,12 @@ line in dha_jax/main.py)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 import dha_jax
@@ -25,12 +27,32 @@ def _cli(workdir, *flags):
       cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+def da_named_component(config):
+  """A user component that takes the name of the DA component."""
+  del config
+  return dha_jax.Component(name='da', init=lambda key: {})
+
+
 def test_a_rejected_config_leaves_the_workdir_untouched(tmp_path):
   workdir = tmp_path / 'w'
-  for bad in ({'mode': 'foo'}, {'batch_size': 0},
-              {'hpo.init_lr': 5.0}):  # outside hpo.lr_bounds
+  twice = ','.join(['tests.faults_test:sigterm_component'] * 2)
+  for bad, message in (
+      ({'mode': 'foo'}, 'foo'), ({'batch_size': 0}, 'batch_size'),
+      ({'hpo.init_lr': 5.0}, 'init_lr'),  # outside hpo.lr_bounds
+      ({'seed': -1}, 'config.seed=-1'),
+      ({'log_every_steps': 0}, 'config.log_every_steps=0'),
+      ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps=0'),
+      ({'eval_train_examples': 0}, 'config.eval_train_examples=0'),
+      ({'dataset.max_test_examples': 0}, 'dataset.max_test_examples=0'),
+      ({'extra_components': twice}, 'names must be unique.*extra_components'),
+      ({'extra_components': 'tests.faults_test:da_named_component'},
+       'names must be unique.*extra_components'),
+      # 10 HPO examples, no held-out batch of 16.
+      ({'hpo.mode': 'exact', 'heldout_batch_size': 16},
+       r'HPO split \(10 examples\) holds no held-out batch of 16: lower '
+       'heldout_batch_size, or raise dataset.val_ratio')):
     config = tiny.tiny_config('dha', bad)
-    with pytest.raises((train.RunError, data.DataError)):
+    with pytest.raises((train.RunError, data.DataError), match=message):
       train.train_and_evaluate(config, str(workdir))
     assert not workdir.exists(), bad
 
@@ -61,6 +83,13 @@ def test_cli_errors_are_one_line_and_a_nonzero_exit(tmp_path):
   proc = _cli(tmp_path / 'w', '--config.batchsize=8')
   assert proc.returncode == 2
   assert 'Did you mean "batch_size"' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'w').exists()
+  # Alone, they would make every process believe it is process 0.
+  proc = _cli(tmp_path / 'w', '--num_processes=2', '--process_id=1')
+  assert proc.returncode == 2
+  assert ('error: --num_processes and --process_id describe a '
+          'multi-process job: add --distributed') in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not (tmp_path / 'w').exists()
   # A setting the mode ignores is named with what applies instead; the bad
@@ -111,9 +140,52 @@ def test_sigterm_saves_stops_and_the_rerun_matches(tmp_path, monkeypatch):
     train.train_and_evaluate(config, workdir)  # 3 steps an epoch
   assert e.value.exit_code == 128 + signal.SIGTERM
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['6']
+  # In the last step: the final state is saved, nothing is evaluated.
+  monkeypatch.setenv(SIGTERM_EPOCH, '3')
+  with pytest.raises(train.Interrupted, match='SIGTERM at step 12'):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [
+      '12', '6']
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
   resumed = train.train_and_evaluate(config, workdir)
   assert resumed['test_accuracy'] == uninterrupted['test_accuracy']
   assert resumed['test_loss'] == uninterrupted['test_loss']
+  assert [r['step'] for r in train.read_metrics(workdir)
+          if r['phase'] == 'test'] == [12]
+
+
+# A user component whose state gains a field when this variable is set: the
+# same config, run by code whose components changed.
+GROWN_STATE = 'DHA_TEST_GROWN_STATE'
+
+
+def growing_component(config):
+  del config
+  def init(key):
+    del key
+    return {'count': jnp.zeros((), jnp.int32)} if os.environ.get(
+        GROWN_STATE) else {}
+  return dha_jax.Component(name='grows', init=init)
+
+
+def test_a_checkpoint_of_another_state_tree_is_refused_and_kept(
+    tmp_path, monkeypatch):
+  workdir = tmp_path / 'w'
+  config = tiny.tiny_config('train', {
+      'extra_components': 'tests.faults_test:growing_component'})
+  train.train_and_evaluate(config, str(workdir))
+  (workdir / 'summary.json').unlink()
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  metrics = (workdir / 'metrics.jsonl').read_text()
+  monkeypatch.setenv(GROWN_STATE, '1')
+  with pytest.raises(train.RunError, match=r"step 2 reads back, but its "
+                     r"state differs .*grows/count.*different code version "
+                     'or component set; nothing was moved. Use a new '
+                     '--workdir'):
+    train.train_and_evaluate(config, str(workdir))
+  assert os.listdir(workdir / 'checkpoints') == ['2']
+  assert not (workdir / 'damaged_checkpoints').exists()
+  assert (workdir / 'metrics.jsonl').read_text() == metrics
 
 
 def _largest_file(folder):

@@ -6,6 +6,7 @@ an import), except `dha_jax/modes.py`, the composition root.
 """
 
 import ast
+import importlib.util
 import os
 
 import pytest
@@ -23,27 +24,62 @@ OUTSIDE = ('main.py', 'train.py', 'step.py', 'components.py', 'data.py',
            'parallel.py', 'plots.py')
 
 
-def _imports(tree: ast.AST) -> set[str]:
-  out = set()
-  for node in ast.walk(tree):
+# Packages whose namespace holds their components: a module may import one
+# of their submodules (shared math), not the package or a name from it.
+COMPONENT_PACKAGES = ('dha_jax.hpo', 'dha_jax.augment')
+
+
+def _is_submodule(name: str) -> bool:
+  return importlib.util.find_spec(name) is not None
+
+
+def _forbidden_imports(source: str) -> set[str]:
+  """The component modules that `source` imports (the module, or a name
+  from it, however spelt) and the component packages it takes as a whole
+  or takes a non-module name from."""
+  found = set()
+  for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
-      out.update(a.name for a in node.names)
-    elif isinstance(node, ast.ImportFrom):
-      out.update(f'{node.module}.{a.name}' for a in node.names)
-  return out
+      bound = [a.name for a in node.names]
+      reached = bound
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      bound = [f'{node.module}.{a.name}' for a in node.names]
+      reached = [node.module] + bound
+    else:
+      continue
+    found.update(m for m in COMPONENT_MODULES for name in reached
+                 if name == m or name.startswith(m + '.'))
+    found.update(p for p in COMPONENT_PACKAGES for name in bound
+                 if name == p or (name.rpartition('.')[0] == p
+                                  and not _is_submodule(name)))
+  return found
+
+
+def test_the_import_check_sees_every_form():
+  for source in ('import dha_jax.nas.component',
+                 'from dha_jax.nas import component',
+                 'from dha_jax.nas.component import make_component',
+                 'from dha_jax.nas.component import make_component as m',
+                 'import dha_jax.hpo',
+                 'from dha_jax import augment',
+                 'from dha_jax.hpo import make_anything'):
+    assert _forbidden_imports(source), source
+  for source in ('from dha_jax.nas import network',
+                 'from dha_jax.hpo import inner',
+                 'from dha_jax.augment import base as augment_base',
+                 'from dha_jax import components'):
+    assert not _forbidden_imports(source), source
 
 
 @pytest.mark.parametrize('module', OUTSIDE)
 def test_no_component_is_named_outside_itself(module):
   with open(os.path.join(PACKAGE, module)) as f:
-    tree = ast.parse(f.read())
-  strings = {node.value for node in ast.walk(tree)
+    source = f.read()
+  strings = {node.value for node in ast.walk(ast.parse(source))
              if isinstance(node, ast.Constant) and isinstance(node.value, str)}
   assert not strings & COMPONENT_NAMES, (module, strings & COMPONENT_NAMES)
-  imported = _imports(tree)
   # A whole component package, or one of its component modules.
-  for name in COMPONENT_MODULES + ('dha_jax.hpo', 'dha_jax.augment'):
-    assert name not in imported, (module, name)
+  assert not _forbidden_imports(source), module
 
 
 def test_the_modes_name_only_registered_components():

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +135,41 @@ def test_a_learned_lr_is_annealed_in_the_update_and_in_its_gradient():
                              fraction * m2['eta/dtotal_dlr'], rtol=1e-4)
 
 
+def _heldout_probe():
+  """Reports the held-out loss of θ and the training loss of the step."""
+  def update(state, ctx):
+    return state, {'heldout': ctx.heldout_loss(ctx.params),
+                   'train': jnp.mean(ctx.per_example_loss)}
+  return dha_jax.Component(name='probe', init=lambda key: {}, update=update,
+                           uses_heldout=True)
+
+
+def test_the_heldout_forward_draws_its_own_drop_path_masks():
+  # No augmentation and no auxiliary head: on the training batch, the two
+  # forwards differ only in their drop-path masks.
+  config = tiny_config()
+  config.model.auxiliary = False
+  config.preprocess.pad = 0
+  model, arch, tx, variables, batch, _ = _tiny_network(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  pre = step_lib.Preprocess.from_config(config, (0.5,) * 3, (0.25,) * 3)
+  losses = {}
+  for rate in (0.0, 0.5):
+    fn = step_lib.make_train_step(
+        mesh, model=model, tx=tx, components=(_heldout_probe(),),
+        fixed_arch=arch, pre=pre, aux_weight=0.0,
+        default_hparams=lambda s: {'learning_rate': jnp.float32(0.1),
+                                   'weight_decay': jnp.float32(0.0)},
+        drop_path_rate=lambda s, rate=rate: jnp.float32(rate))
+    sharded = parallel.shard_batch(mesh, batch)
+    _, metrics = fn(_initial_state(mesh, tx, variables, {'probe': {}}),
+                    sharded, sharded)
+    losses[rate] = (float(metrics['probe/heldout']),
+                    float(metrics['probe/train']))
+  assert losses[0.0][0] == pytest.approx(losses[0.0][1], rel=1e-5)
+  assert abs(losses[0.5][0] - losses[0.5][1]) > 1e-3
+
+
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run') / 'wd')
@@ -237,6 +273,92 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(finished_run,
   # TensorBoard hides the killed run's events after the checkpoint.
   scalars, _ = tiny.read_tensorboard(killed)
   assert [s for s, _ in scalars['train/loss']] == [2, 4]
+
+
+def test_resume_after_the_final_checkpoint_writes_one_test_record(
+    finished_run, tmp_path):
+  """A copy of the run as a kill after the final checkpoint and the test
+  record, before summary.json, leaves it."""
+  workdir, summary = finished_run
+  killed = str(tmp_path / 'killed')
+  shutil.copytree(workdir, killed)
+  os.remove(os.path.join(killed, 'summary.json'))
+  resumed = train.train_and_evaluate(tiny_config(), killed)
+  assert resumed['test_accuracy'] == summary['test_accuracy']
+  assert [(r['step'], r['phase']) for r in train.read_metrics(killed)] == [
+      (2, 'train'), (4, 'train'), (4, 'test')]
+
+
+def test_the_deployed_network_has_no_auxiliary_head(finished_run):
+  workdir, summary = finished_run
+  with open(os.path.join(workdir, 'model.msgpack'), 'rb') as f:
+    deployed = flax.serialization.msgpack_restore(f.read())
+  assert 'aux_head' not in deployed['params']
+  run = train.Run.create(tiny_config(), workdir='')
+  support = run.space.genotype_architecture(ss.DARTS_V2).support_dict
+  # The parameters of Eq. 1: the network at inference.
+  assert summary['param_count'] == run.param_count_of(support)
+  assert summary['param_count'] == train.param_count(deployed['params'])
+  with_aux = train.param_count(run.variable_shapes(
+      ss.genotype_architecture(ss.DARTS_V2))['params'])
+  assert with_aux > summary['param_count']
+
+
+def test_logs_are_timed_resume_drops_a_torn_line_and_no_heldout_is_read(
+    tmp_path, monkeypatch):
+  """log_every_steps=1: the first (compiling) step has no time per step.
+  A kill that tears the last line of metrics.jsonl leaves a run that
+  resumes. A run whose components read no held-out batch draws none."""
+  splits = []
+  batches = data.train_batches
+
+  def recording(split, *args, **kwargs):
+    splits.append(len(split))
+    return batches(split, *args, **kwargs)
+
+  monkeypatch.setattr(data, 'train_batches', recording)
+  workdir = str(tmp_path / 'wd')
+  config = tiny.tiny_config('train', {'log_every_steps': 1})
+  summary = train.train_and_evaluate(config, workdir)
+  run = train.Run.create(config, workdir='')
+  assert splits == [len(run.dataset.train)]  # the training batches only
+  records = [r for r in train.read_metrics(workdir) if r['phase'] == 'train']
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  assert 'step_seconds' not in records[0]
+  assert all(0 < r['step_seconds'] < 60 for r in records[1:])
+  os.remove(os.path.join(workdir, 'summary.json'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 5, "loss": 0.')
+  resumed = train.train_and_evaluate(config, workdir)
+  assert resumed['test_loss'] == pytest.approx(summary['test_loss'], rel=1e-6)
+  assert [(r['step'], r['phase']) for r in train.read_metrics(workdir)] == [
+      (1, 'train'), (2, 'train'), (3, 'train'), (4, 'train'), (4, 'test')]
+  # A damaged line before the last one is not guessed at.
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('not json\n{"step": 1, "phase": "train"}\n')
+  with pytest.raises(train.RunError, match='metrics.jsonl line 6 is not '
+                     'JSON'):
+    train.MetricsWriter(workdir, 4, tensorboard=False)
+
+
+def done_after_one_epoch(config):
+  """A user component that ends the search at the first epoch's end."""
+  del config
+  return dha_jax.Component(name='enough', init=lambda key: {},
+                           search_done=lambda state: True)
+
+
+def test_a_search_that_ends_early_logs_its_last_steps(tmp_path):
+  workdir = str(tmp_path / 'wd')
+  config = tiny.tiny_config('ista_one_stage', {
+      'log_every_steps': 100, 'nas.search_epochs': 2,
+      'extra_components': 'tests.train_test:done_after_one_epoch'})
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['search_steps'] == 3  # 30 training examples / 8
+  search = [r for r in train.read_metrics(workdir) if r['phase'] == 'search']
+  assert [r['step'] for r in search] == [3]
+  assert np.isfinite(search[0]['loss'])
 
 
 def test_workdir_of_another_config_is_refused(finished_run):
