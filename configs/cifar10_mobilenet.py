@@ -6,8 +6,8 @@ the widths, 9 searchable layers (2 in each of the first three stages, 1 in
 the others), a 256-wide head, on 5000 images of the CIFAR-10 image-folder
 zip at 32 px, with the short-run search dynamics of configs/default.py
 (docs/fidelity.md, 'Settings that depart from the paper for short runs'),
-α normalised over all layers. The recorded run took 19 min on two CPU
-cores and reached 0.29 test accuracy (experiments/RESULTS.md, 'End-to-end
+α normalised over all layers. The recorded run took 6 min on two CPU
+cores and reached 0.30 test accuracy (experiments/RESULTS.md, 'End-to-end
 runs'). From the repository root:
 
   python -m dha_jax.main --config=configs/cifar10_mobilenet.py \
