@@ -27,7 +27,10 @@ experiments/paths.CIFAR10_ZIP). Seeds 0, 1, 2. Every run is
 `python -m dha_jax.main` in its own process and workdir,
 `--out/<dataset>/seed<seed>/<arm>`; a finished run (summary.json) is never
 rerun and an interrupted one resumes from its checkpoint, so the command can
-be repeated across sessions until everything ran. Order: dataset, then seed,
+be repeated across sessions until everything ran. A run records its flags
+(run_flags.json), and a command of another budget is refused before it
+reuses or reports such a run (the runs made before that record are not
+checked). Order: dataset, then seed,
 then arm, so that a cut-short campaign has whole seeds.
 
 Nothing is selected on the test set: every arm is a fixed setting, and the
@@ -67,10 +70,10 @@ from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT
 
 BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'default.py')
 # Inside the repository: the results of finished runs (summary.json,
-# metrics.jsonl, genotype.json and the random genotypes) are committed
-# between sessions, so a campaign resumes on a fresh clone; checkpoints,
-# models, plots, logs and config.json (which hold local paths) are ignored
-# (.gitignore), so an unfinished run restarts from scratch there.
+# metrics.jsonl, genotype.json, run_flags.json and the random genotypes) are
+# committed between sessions, so a campaign resumes on a fresh clone;
+# checkpoints, models, plots, logs and config.json (which hold local paths)
+# are ignored (.gitignore), so an unfinished run restarts from scratch there.
 DEFAULT_OUT = os.path.join(EXPERIMENTS_DIR, 'ablate_search_runs')
 BEGIN_MARKER = '<!-- ablate:begin -->'
 END_MARKER = '<!-- ablate:end -->'
@@ -448,6 +451,13 @@ def main(argv: Sequence[str]) -> int:
     print(f'error: no CIFAR-10 data at {args.cifar10}; pass --cifar10 PATH '
           'of the image-folder zip, or --datasets digits.', file=sys.stderr)
     return 1
+  conflicts = [c for c in (
+      reproduce.reuse_conflict(workdir_of(args.out, d, s, a.name),
+                               command(args, budget, d, s, a))
+      for d in args.datasets for s in args.seeds
+      for a in arms(args.random_genotypes)) if c is not None]
+  if conflicts:
+    return reproduce.refuse_reuse(conflicts)
   if not args.report_only:
     try:
       run_campaign(args, budget)

@@ -17,7 +17,8 @@ compilation cache is still shared). Then it writes
 Every run that was made is reported; a failed run is listed as failed and
 left out of its mode's mean. Interrupt it at any time and rerun the same
 command: finished runs are not retrained, an interrupted one resumes from
-its last checkpoint.
+its last checkpoint. Each run records its flags (run_flags.json); a command
+of another budget is refused before it reuses or reports such a run.
 
   python -m experiments.reproduce                      # the budget below
   python -m experiments.reproduce --steps 4 --train-examples 200 \
@@ -90,9 +91,9 @@ from experiments.paths import CIFAR10_ZIP, EXPERIMENTS_DIR, REPO_ROOT
 BASE_CONFIG = os.path.join(REPO_ROOT, 'configs', 'cifar10_cell.py')
 DEFAULT_DATA = CIFAR10_ZIP
 # Inside the repository: what finished runs leave (summary.json,
-# metrics.jsonl, genotype.json, reproduce_wall.json) is committed between
-# sessions, so the comparison resumes on a fresh clone; checkpoints, models,
-# plots, logs and config.json are ignored (.gitignore).
+# metrics.jsonl, genotype.json, reproduce_wall.json, run_flags.json) is
+# committed between sessions, so the comparison resumes on a fresh clone;
+# checkpoints, models, plots, logs and config.json are ignored (.gitignore).
 DEFAULT_OUT = os.path.join(EXPERIMENTS_DIR, 'reproduce_runs')
 
 MODES = ('ista_one_stage', 'nas_da', 'nas_hpo', 'sequential_dha', 'dha')
@@ -113,6 +114,13 @@ PLOT_FILE = 'reproduce.png'
 CURVES_FILE = 'reproduce_curves.png'
 WALL_FILE = 'reproduce_wall.json'
 LOG_FILE = 'reproduce.log'
+# A run's defining flags, written beside its results and committed with
+# them: a finished or interrupted run is reused (or reported) only by a
+# command that gives it the same flags. Path-valued fields are left out:
+# the same data and genotype files may lie elsewhere on another machine.
+FLAGS_FILE = 'run_flags.json'
+PATH_FIELDS = ('dataset.path', 'model.genotype')
+CONFIG_FLAG_PREFIX = '--config.'
 PERCENT = 100.0
 SECONDS_PER_MINUTE = 60.0
 SECONDS_PER_HOUR = 3600.0
@@ -207,13 +215,41 @@ def _finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
 
 
+def defining_flags(command: Sequence[str]) -> list[str]:
+  """The `--config.field=value` flags of `command`, path fields left out."""
+  return [a for a in command if a.startswith(CONFIG_FLAG_PREFIX)
+          and a[len(CONFIG_FLAG_PREFIX):].split('=', 1)[0] not in PATH_FIELDS]
+
+
+def reuse_conflict(workdir: str, command: Sequence[str]) -> str | None:
+  """None, or why the run in `workdir` was made by other flags than
+  `command`'s (from its FLAGS_FILE; a run without one is not checked)."""
+  recorded = read_json(os.path.join(workdir, FLAGS_FILE))
+  if recorded is None or recorded['flags'] == defining_flags(command):
+    return None
+  theirs, ours = set(recorded['flags']), set(defining_flags(command))
+  return (f'{os.path.relpath(workdir)} holds a run made with '
+          f'{sorted(theirs - ours)} where this command gives '
+          f'{sorted(ours - theirs)}')
+
+
+def refuse_reuse(conflicts: Sequence[str]) -> int:
+  """Prints the runs whose workdirs hold other budgets; returns 2."""
+  print('error: these workdirs hold runs of another budget, which this '
+        'command would reuse or report as its own:\n  '
+        + '\n  '.join(conflicts)
+        + '\nPass the flags that made them, or a new --out.', file=sys.stderr)
+  return 2
+
+
 def run_one(workdir: str, command: Sequence[str],
             env: dict[str, str] | None = None) -> int:
   """Runs one (mode, seed) to its end, appending its output to its log.
 
   The process's wall time is added to workdir/reproduce_wall.json (also when
   interrupted), so a resumed run reports the time of all its sessions; a run
-  that was already finished adds nothing.
+  that was already finished adds nothing. The command's defining flags are
+  recorded in workdir/run_flags.json on the first session.
 
   Args:
     workdir: the run's workdir.
@@ -222,8 +258,17 @@ def run_one(workdir: str, command: Sequence[str],
 
   Returns:
     The exit status of the run.
+
+  Raises:
+    ValueError: the workdir holds a run made with other flags.
   """
   os.makedirs(workdir, exist_ok=True)
+  conflict = reuse_conflict(workdir, command)
+  if conflict is not None:
+    raise ValueError(conflict)
+  flags_path = os.path.join(workdir, FLAGS_FILE)
+  if not os.path.exists(flags_path):
+    train.write_json_atomic(flags_path, {'flags': defining_flags(command)})
   finished = _finished(workdir)
   start, rc = time.time(), None
   try:
@@ -631,15 +676,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
+def run_command(args: argparse.Namespace, budget: Budget, mode: str,
+                seed: int) -> list[str]:
+  """The `dha_jax.main` command line of one (mode, seed)."""
+  return ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
+           f'--workdir={workdir_of(args.out, mode, seed)}']
+          + config_overrides(budget, args.data, mode, seed, args.set))
+
+
 def run_all(jobs: Sequence[tuple[str, int]], args: argparse.Namespace,
             budget: Budget) -> None:
   """Runs every (mode, seed) in turn, printing progress and an ETA."""
   start, durations = time.time(), []
   for i, (mode, seed) in enumerate(jobs, 1):
     workdir = workdir_of(args.out, mode, seed)
-    command = ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
-                f'--workdir={workdir}']
-               + config_overrides(budget, args.data, mode, seed, args.set))
+    command = run_command(args, budget, mode, seed)
     pending = sum(not _finished(workdir_of(args.out, m, s))
                   for m, s in jobs[i - 1:])
     eta = (clock(statistics.fmean(durations) * pending) if durations
@@ -687,8 +738,14 @@ def main(argv: Sequence[str]) -> int:
     return 1
   # Seed-major order: should the budget run out, every mode has as many
   # finished seeds as any other (less one), so the comparison stays fair.
-  jobs = [] if args.report_only else [
-      (m, s) for s in args.seeds for m in args.modes]
+  everything = [(m, s) for s in args.seeds for m in args.modes]
+  conflicts = [c for c in (
+      reuse_conflict(workdir_of(args.out, m, s),
+                     run_command(args, budget, m, s)) for m, s in everything)
+               if c is not None]
+  if conflicts:
+    return refuse_reuse(conflicts)
+  jobs = [] if args.report_only else everything
   try:
     run_all(jobs, args, budget)
   except KeyboardInterrupt:

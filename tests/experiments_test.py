@@ -285,6 +285,61 @@ def test_reproduce_runs_the_committed_runs_config():
   assert config.optimizer.anneal_learned_lr
 
 
+def test_a_run_records_its_flags_and_refuses_another_budget(tmp_path):
+  args = reproduce.parse_args(['--out', str(tmp_path), '--data', '/d/c10.zip'])
+  command = reproduce.run_command(args, reproduce.Budget(), 'dha', 0)
+  workdir = reproduce.workdir_of(str(tmp_path), 'dha', 0)
+  # A stand-in for dha_jax.main: the recording does not depend on it.
+  assert reproduce.run_one(workdir, [sys.executable, '-c', 'pass']
+                           + command[2:]) == 0
+  recorded = reproduce.read_json(os.path.join(workdir, reproduce.FLAGS_FILE))
+  assert '--config.num_train_steps=600' in recorded['flags']
+  # Paths are no part of a run's identity.
+  assert not any('dataset.path' in f for f in recorded['flags'])
+  moved = reproduce.parse_args(['--out', str(tmp_path), '--data', '/e/c.zip'])
+  assert reproduce.reuse_conflict(workdir, reproduce.run_command(
+      moved, reproduce.Budget(), 'dha', 0)) is None
+  shorter = reproduce.run_command(args, reproduce.Budget(steps=100), 'dha', 0)
+  conflict = reproduce.reuse_conflict(workdir, shorter)
+  assert 'num_train_steps=600' in conflict
+  assert 'num_train_steps=100' in conflict
+  with pytest.raises(ValueError, match='num_train_steps'):
+    reproduce.run_one(workdir, shorter)
+
+
+def test_reproduce_refuses_to_reuse_or_report_runs_of_another_budget(
+    capsys):
+  # The committed runs record their flags: the default command reports them,
+  # a command of another budget neither reruns nor relabels them.
+  out = os.path.join(reproduce.EXPERIMENTS_DIR, 'reproduce_runs')
+  for m in reproduce.MODES:
+    for seed in (0, 1, 2):
+      args = reproduce.parse_args(['--out', out])
+      assert reproduce.reuse_conflict(
+          reproduce.workdir_of(out, m, seed),
+          reproduce.run_command(args, reproduce.Budget(), m, seed)) is None
+  assert reproduce.main(['--out', out, '--steps', '100', '--report-only',
+                         '--report-dir', '/nonexistent']) == 2
+  assert 'another budget' in capsys.readouterr().err
+
+
+def test_ablate_search_refuses_runs_of_another_budget(tmp_path, capsys):
+  argv = ['--out', str(tmp_path), '--datasets', 'digits', '--seeds', '0',
+          '--report-dir', str(tmp_path)]
+  args = ablate_search.parse_args(argv)
+  arm = ablate_search.arms(args.random_genotypes)[0]
+  budget = ablate_search.Budget(digits_steps=7)
+  workdir = ablate_search.workdir_of(args.out, 'digits', 0, arm.name)
+  os.makedirs(workdir)
+  train.write_json_atomic(
+      os.path.join(workdir, reproduce.FLAGS_FILE),
+      {'flags': reproduce.defining_flags(
+          ablate_search.command(args, budget, 'digits', 0, arm))})
+  assert ablate_search.main(argv + ['--report-only']) == 2
+  assert 'another budget' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / ablate_search.RESULTS_JSON)
+
+
 # ---------------------------------------------------------------- smoke
 @pytest.mark.slow
 def test_reproduce_and_landscape_smoke(tmp_path, capsys):
