@@ -1,4 +1,4 @@
-"""CIFAR-10, MobileNet-like space, CPU scale: DHA in about 20 minutes.
+"""CIFAR-10, MobileNet-like space, CPU scale: DHA in about 6 minutes.
 
 The ProxylessNAS chain of MBConv layers (`model.space='mobilenet'`,
 docs/design.md, 'Search spaces') made tiny for two CPU cores: a quarter of

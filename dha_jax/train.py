@@ -170,19 +170,27 @@ class MetricsWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = parallel.is_primary_process()
     self.events = None
+    # Every process parses the file, so that a damaged one stops them all
+    # alike instead of leaving the others waiting in the first step.
+    kept = [r for r in (_read_records(self.path, torn_tail_ok=True)
+                        if os.path.exists(self.path) else [])
+            if r['step'] < resume_step or (
+                r['step'] == resume_step and r.get('phase') != TEST_PHASE)]
     if not self.enabled:
       return
     if os.path.exists(self.path):
-      kept = [json.dumps(r, sort_keys=True) + '\n'
-              for r in _read_records(self.path, torn_tail_ok=True)
-              if r['step'] < resume_step or (
-                  r['step'] == resume_step and r.get('phase') != TEST_PHASE)]
-      write_text_atomic(self.path, ''.join(kept))
+      write_text_atomic(self.path, ''.join(
+          json.dumps(r, sort_keys=True) + '\n' for r in kept))
     if tensorboard:
+      # Events from the checkpoint's own step on are purged, and that step's
+      # kept records written again: its test record and plots are not kept.
       self.events = tensorboardX.SummaryWriter(
           os.path.join(workdir, TENSORBOARD_DIR),
-          purge_step=resume_step + 1 if resume_step else None,
+          purge_step=resume_step or None,
           flush_secs=TENSORBOARD_FLUSH_SECONDS)
+      for record in kept:
+        if resume_step and record['step'] == resume_step:
+          self._add_scalars(record)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
@@ -191,9 +199,12 @@ class MetricsWriter:
     record.update({k: _to_python(v) for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
+    self._add_scalars(record)
+
+  def _add_scalars(self, record: dict[str, Any]) -> None:
     if self.events is not None:
       for tag, value in tensorboard_scalars(record).items():
-        self.events.add_scalar(tag, value, int(step))
+        self.events.add_scalar(tag, value, record['step'])
 
   def write_image(self, step: int, png_path: str) -> None:
     """A saved PNG plot as a TensorBoard image, tagged by its file name."""
@@ -448,7 +459,7 @@ class Run:
   tx: optax.GradientTransformation
   key: jax.Array
   extra: tuple[Component, ...]
-  hpo_split: data_lib.Split
+  hpo_split: data_lib.Split | None
   heldout_batch_size: int
   train_eval: data_lib.Split
   eval_fn: Callable
@@ -494,7 +505,7 @@ class Run:
         space=space, model=model, shape=input_shape(config, ds),
         pre=pre, tx=hpo_inner.optimizer_from_config(config),
         key=jax.random.key(config.seed),
-        extra=load_extra_components(config), hpo_split=ds.train,
+        extra=load_extra_components(config), hpo_split=None,
         heldout_batch_size=heldout_batch_size,
         train_eval=train_eval_subset(ds.train, config.eval_train_examples,
                                      config.dataset.split_seed),
@@ -644,7 +655,7 @@ class Phase:
     return self.spec.name
 
 
-def phase_index(run: Run, name: str) -> int:
+def phase_index(run: Run, name: str | None) -> int:
   names = [p.name for p in run.phases]
   if name not in names:
     raise RunError(f'The checkpoint is of a {name!r} phase, which mode '
@@ -793,14 +804,23 @@ def _read_checkpoint(run: Run, manager: ocp.CheckpointManager, step: int
   """The progress and state saved at `step`, read into this run's template.
 
   Raises:
-    RunError: the checkpoint is of another phase set or state tree.
+    RunError: the checkpoint is of another phase set, progress record or
+      state tree.
     Exception: of Orbax or TensorStore, when its files do not read.
   """
   meta = manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
-  index = phase_index(run, meta['phase'])
-  progress = Progress.from_json(meta, run.phases[index].fresh_state)
-  template = fresh_state(run, _state_origin(run, index), progress)
+  index = phase_index(run, meta.get('phase'))
+  try:
+    progress = Progress.from_json(meta, run.phases[index].fresh_state)
+    template = fresh_state(run, _state_origin(run, index), progress)
+  except Exception as e:  # pylint: disable=broad-except
+    # Its files read: what fails is this code on what another code wrote.
+    raise RunError(
+        f'The checkpoint of step {step} reads back, but this code cannot '
+        f'rebuild its run ({type(e).__name__}: {e}): the workdir was made by '
+        'a different code version; nothing was moved. Use a new --workdir, '
+        'or rerun with the code that made it.') from e
   stored = ocp.StandardCheckpointHandler().metadata(
       manager.directory / str(step) / STATE_ITEM).tree
   differences = ocp.tree.tree_difference(
@@ -1071,7 +1091,10 @@ def run_phase(run: Run, phase: Phase, state: step_lib.TrainState,
       _save(manager, state, progress, writer)
     if done < phase.end and _stop_requested(stop, done,
                                             config.log_every_steps):
-      _check_window(writer, history, done, manager)
+      if history:
+        _check_window(writer, history, done, manager)
+        _log_window(writer, history, done, phase, spe, window_start,
+                    window_steps)
       _save(manager, state, progress, writer)
       raise Interrupted(stop[0] if stop else signal.SIGTERM, done)
   return state

@@ -16,6 +16,7 @@ from dha_jax import modes
 from dha_jax import step
 from dha_jax import train
 from dha_jax.augment import component as da_component
+from dha_jax.components import check_components
 from dha_jax.hpo import inner as hpo_inner
 from dha_jax.nas import component as nas_component
 from dha_jax.nas import ista
@@ -42,9 +43,10 @@ def load(name: str) -> ml_collections.ConfigDict:
 
 def check_before_data(config: ml_collections.ConfigDict) -> None:
   """What `train.Run.create` checks of a config besides its data, on one
-  device: mode, batch sizes, space, network, genotype, preprocessing, θ's
+  device: the loop's fields, mode, batch sizes, space, network, genotype, preprocessing, θ's
   optimizer and every phase's components (ISTA's IstaConfig, HPO's and
   DA's fields)."""
+  train.check_loop_config(config)
   spec = modes.mode_spec(config.mode)
   for field in ('batch_size', 'eval_batch_size'):
     data.check_batch_size(config[field], 1, field)
@@ -62,7 +64,8 @@ def check_before_data(config: ml_collections.ConfigDict) -> None:
                            param_count=lambda support: 0, space=space,
                            multiply_adds=lambda support: 0.0)
   for phase in spec.phases():
-    modes.build_components(phase.components, config, ctx)
+    check_components(list(modes.build_components(phase.components, config,
+                                                 ctx)))
   train.ignored_fields(config)
 
 

@@ -132,6 +132,7 @@ def sigterm_component(config):
 def test_sigterm_saves_stops_and_the_rerun_matches(tmp_path, monkeypatch):
   config = tiny.tiny_config('train', {
       'num_train_steps': 12, 'checkpoint_every_steps': 100,
+      'log_every_steps': 4,
       'extra_components': 'tests.faults_test:sigterm_component'})
   uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'once'))
   monkeypatch.setenv(SIGTERM_EPOCH, '1')
@@ -140,6 +141,9 @@ def test_sigterm_saves_stops_and_the_rerun_matches(tmp_path, monkeypatch):
     train.train_and_evaluate(config, workdir)  # 3 steps an epoch
   assert e.value.exit_code == 128 + signal.SIGTERM
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['6']
+  # Steps 5 and 6, after the last log, are logged before the run stops.
+  assert [r['step'] for r in train.read_metrics(workdir)
+          if r['phase'] == 'train'] == [4, 6]
   # In the last step: the final state is saved, nothing is evaluated.
   monkeypatch.setenv(SIGTERM_EPOCH, '3')
   with pytest.raises(train.Interrupted, match='SIGTERM at step 12'):
@@ -152,6 +156,8 @@ def test_sigterm_saves_stops_and_the_rerun_matches(tmp_path, monkeypatch):
   assert resumed['test_loss'] == uninterrupted['test_loss']
   assert [r['step'] for r in train.read_metrics(workdir)
           if r['phase'] == 'test'] == [12]
+  assert [r['step'] for r in train.read_metrics(workdir)
+          if r['phase'] == 'train'] == [4, 6, 8, 12]
 
 
 # A user component whose state gains a field when this variable is set: the
@@ -182,6 +188,21 @@ def test_a_checkpoint_of_another_state_tree_is_refused_and_kept(
                      r"state differs .*grows/count.*different code version "
                      'or component set; nothing was moved. Use a new '
                      '--workdir'):
+    train.train_and_evaluate(config, str(workdir))
+  assert os.listdir(workdir / 'checkpoints') == ['2']
+  assert not (workdir / 'damaged_checkpoints').exists()
+  assert (workdir / 'metrics.jsonl').read_text() == metrics
+  # A progress record this code cannot read (another version's fields) is
+  # refused alike, not taken for damaged files.
+  monkeypatch.delenv(GROWN_STATE)
+
+  def older_record(meta, fresh):
+    raise KeyError('search_steps')
+
+  monkeypatch.setattr(train.Progress, 'from_json', older_record)
+  with pytest.raises(train.RunError, match=r"step 2 reads back, but this "
+                     r"code cannot rebuild its run \(KeyError.*nothing was "
+                     'moved'):
     train.train_and_evaluate(config, str(workdir))
   assert os.listdir(workdir / 'checkpoints') == ['2']
   assert not (workdir / 'damaged_checkpoints').exists()

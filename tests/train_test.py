@@ -287,6 +287,21 @@ def test_resume_after_the_final_checkpoint_writes_one_test_record(
   assert resumed['test_accuracy'] == summary['test_accuracy']
   assert [(r['step'], r['phase']) for r in train.read_metrics(killed)] == [
       (2, 'train'), (4, 'train'), (4, 'test')]
+  # TensorBoard likewise: one test record, the kept step-4 train record.
+  scalars, images = tiny.read_tensorboard(killed)
+  assert [s for s, _ in scalars['test/test_accuracy']] == [4]
+  assert [s for s, _ in scalars['train/loss']] == [2, 4]
+  assert images == ['hparams']
+
+
+def test_every_process_refuses_a_damaged_metrics_file(tmp_path,
+                                                      monkeypatch):
+  # Not only process 0, which rewrites it: the others would otherwise wait
+  # for it in the first step.
+  monkeypatch.setattr(parallel, 'is_primary_process', lambda: False)
+  (tmp_path / 'metrics.jsonl').write_text('not json\n{"step": 1}\n')
+  with pytest.raises(train.RunError, match='line 1 is not JSON'):
+    train.MetricsWriter(str(tmp_path), 1, tensorboard=False)
 
 
 def test_the_deployed_network_has_no_auxiliary_head(finished_run):

@@ -52,9 +52,10 @@ accumulates (masking, no Python control flow, so it jits).
   loss, so nothing pushes weight decay toward generalisation; the
   hypergradient is one step stale (taken w.r.t. η_{t−1}, applied to η_t);
   BatchNorm statistics come from the training batch. At the first step there
-  are no tangents yet: that call moves nothing and is not counted in the
-  `update_every` window (nor in `nonfinite_count`), so η's first real update
-  is the η optimizer's first step (Adam's full size).
+  are no tangents yet: that call moves nothing and is left out of its
+  `update_every` window's mean (and of `nonfinite_count`), so η's first real
+  update is the η optimizer's first step (Adam's full size); the window's
+  boundaries stay where the call count puts them.
 
 In both modes the η used for θ_{t+1} is the one before this step's η update.
 
