@@ -288,7 +288,8 @@ def resolve(impl: str, backend: str | None = None) -> str:
     return 'grouped'
   if cpu_kernels.preferred():
     return 'ffi'
-  if jax.device_count() == 1:
+  # Not where `cpu_kernels.preference(False)` declines kernels it has.
+  if jax.device_count() == 1 and not cpu_kernels.available():
     _warn_without_kernels()
   return 'shifted'
 

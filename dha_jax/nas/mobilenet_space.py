@@ -153,11 +153,12 @@ def network_plan(stage_layers: Sequence[int] = STAGE_LAYERS,
       zip(STAGES, stage_layers)):
     if stem == 'cifar' and stage == 0:
       stage_stride = 1
+    features = scale(width)
     for i in range(count):
       stride = stage_stride if i == 0 else 1
-      layers.append(LayerSpec(scale(width), stride,
-                              stride == 1 and in_width == scale(width)))
-      in_width = scale(width)
+      layers.append(LayerSpec(features, stride,
+                              stride == 1 and in_width == features))
+      in_width = features
   return NetworkPlan(
       stem_width=scale(STEM_WIDTH),
       stem_stride=IMAGENET_STRIDE if stem == 'imagenet' else 1,
@@ -166,10 +167,9 @@ def network_plan(stage_layers: Sequence[int] = STAGE_LAYERS,
                   if width_multiplier > 1 else head_width))
 
 
-def layout(plan: NetworkPlan | None = None) -> Layout:
-  """The searchable nodes of `plan` (None: `network_plan()`): one per layer,
-  one edge, its candidate ops."""
-  plan = network_plan() if plan is None else plan
+def layout(plan: NetworkPlan) -> Layout:
+  """The searchable nodes of `plan`: one per layer, one edge, its candidate
+  ops."""
   return ((GROUP, tuple(NodeShape(1, spec.ops) for spec in plan.layers)),)
 
 
@@ -219,21 +219,21 @@ def genotype_to_support(genotype: MobileNetGenotype,
                         ) -> dict[str, CellSupport]:
   """The support {'layers': ((0, op), ...) per layer} of a genotype,
   validated against the layers of `plan` (None: `network_plan()`)."""
-  shapes = dict(layout(plan))[GROUP]
-  if len(genotype.layers) != len(shapes):
+  layers = (network_plan() if plan is None else plan).layers
+  if len(genotype.layers) != len(layers):
     raise ValueError(
         f'the genotype has {len(genotype.layers)} layers, the network of '
-        f'model.stage_layers has {len(shapes)}: set model.stage_layers to '
+        f'model.stage_layers has {len(layers)}: set model.stage_layers to '
         'that of the run that wrote the genotype')
-  for i, (ops, shape) in enumerate(zip(genotype.layers, shapes)):
+  for i, (ops, spec) in enumerate(zip(genotype.layers, layers)):
     if not ops or len(set(ops)) != len(ops):
       raise ValueError(f'genotype layer {i}: {list(ops)} must name one or '
                        'more distinct ops')
     for op in ops:
-      if op not in shape.ops:
+      if op not in spec.ops:
         raise ValueError(f'genotype layer {i}: op {op!r} is not a candidate '
                          f'of this layer; its candidates are '
-                         f'{list(shape.ops)} (`{ZERO}` needs a residual: '
+                         f'{list(spec.ops)} (`{ZERO}` needs a residual: '
                          'stride 1 and equal input and output widths, which '
                          'model.width_multiplier and model.stem decide)')
   return {GROUP: tuple(tuple(sorted((0, op) for op in ops))

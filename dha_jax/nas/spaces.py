@@ -92,12 +92,10 @@ def cell_space(include_none: bool = False) -> SearchSpace:
       support_to_genotype=search_space.support_to_genotype)
 
 
-def mobilenet(plan: mobilenet_space.NetworkPlan | None = None,
+def mobilenet(plan: mobilenet_space.NetworkPlan,
               ops_per_layer: int = 1) -> SearchSpace:
-  """The MobileNet space over the searchable layers of `plan` (None:
-  `mobilenet_space.network_plan()`), keeping `ops_per_layer` ops per
-  layer."""
-  plan = mobilenet_space.network_plan() if plan is None else plan
+  """The MobileNet space over the searchable layers of `plan`, keeping
+  `ops_per_layer` ops per layer."""
   return SearchSpace(
       name=MOBILENET, ops=mobilenet_space.OPS,
       layout=mobilenet_space.layout(plan), k_edges=1,
