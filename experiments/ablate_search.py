@@ -11,15 +11,18 @@ everything else identical (data, network width and depth, steps, seeds,
        (`da.policy_lr=0`: uniform RandAugment over pairs) and against
        `ista_one_stage` (no DA);
   HPO  `nas_hpo` (η learned) against `ista_one_stage` (the config's fixed
-       schedule: constant during the search, cosine after it).
+       schedule: constant during the search, cosine after it); and, as NAS
+       against random genotypes, from 3 starts η₀ drawn log-uniformly from
+       HPO's bounds: `nas_hpo` starting at η₀ (annealed by the schedule)
+       against `ista_one_stage` with η₀ as its fixed schedule, pair by pair.
 
-Three more arms change the search dynamics, one per component, against the
-same baselines: `search_heldout` / `searched_heldout` (b learns on the
-held-out batch), `da_slow` and `da_fast` (τ's Adam rate 0.01 and 0.05
-around the config's 0.02; 0.01 was the config's when the campaign began;
-`da_fast` without the config's `da.max_kl_from_uniform`) and
-`hpo_annealed` (`optimizer.anneal_learned_lr`: η times the schedule's
-multiplier).
+More arms change the search dynamics, against the same baselines:
+`search_heldout` / `searched_heldout` (b learns on the held-out batch),
+`da_slow` and `da_fast` (τ's Adam rate 0.01 and 0.05 around the config's
+0.02; 0.01 was the config's when the campaign began; `da_fast` without the
+config's `da.max_kl_from_uniform`), `hpo_annealed`
+(`optimizer.anneal_learned_lr`: η times the schedule's multiplier) and
+`hpo_eta_fast` (from the drawn η₀, η's rate `hpo.meta_lr` 3x the config's).
 
 Datasets: scikit-learn's digits (offline) and a class-balanced CIFAR-10
 subset from the image-folder zip (`--cifar10`, default
@@ -54,6 +57,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -62,6 +66,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dha_jax import hpo
 from dha_jax import train
 from dha_jax.nas import search_space
 from experiments import benchlib
@@ -92,6 +97,18 @@ RANDOM_PREFIX = 'random'
 SEARCH_HELDOUT, SEARCHED_HELDOUT = 'search_heldout', 'searched_heldout'
 DA_SLOW, DA_FAST = 'da_slow', 'da_fast'
 HPO_ANNEALED = 'hpo_annealed'
+# HPO against a fixed η from the same drawn start (`drawn_eta`); the fast
+# arm with 3x the config's rate of η (hpo.meta_lr 0.01).
+FIXED_ETA_PREFIX, HPO_ETA_PREFIX = 'fixed_eta', 'hpo_eta'
+HPO_ETA_FAST_PREFIX = 'hpo_eta_fast'
+FIXED_ETA_FIELDS = ('optimizer.learning_rate', 'optimizer.weight_decay')
+LEARNED_ETA_FIELDS = ('hpo.init_lr', 'hpo.init_wd')
+# Arms named by a prefix and an index; a comparison with a prefix takes
+# every such arm.
+PREFIXES = (RANDOM_PREFIX, FIXED_ETA_PREFIX, HPO_ETA_PREFIX,
+            HPO_ETA_FAST_PREFIX)
+# Keeps the η draws of (seed, k) apart from the random genotypes' (seed, k).
+ETA_DRAW_STREAM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +121,36 @@ class Arm:
     overrides: more `field=value` settings.
     genotype: for `train` arms: the name of the search arm whose
       genotype.json it trains, or the index of a random genotype.
+    eta_draw: the index k of the drawn η₀ (`drawn_eta`) the arm starts
+      from, set in `eta_fields` (learning rate, weight decay).
   """
   name: str
   mode: str
   overrides: tuple[str, ...] = ()
   genotype: str | int | None = None
+  eta_draw: int | None = None
+  eta_fields: tuple[str, str] = FIXED_ETA_FIELDS
 
   @property
   def waits_for_search(self) -> bool:
     return isinstance(self.genotype, str)
 
 
-def arms(random_genotypes: int) -> tuple[Arm, ...]:
+def drawn_eta(seed: int, k: int) -> tuple[float, float]:
+  """The k-th start η₀ = (learning rate, weight decay) of a seed, each
+  log-uniform within HPO's default bounds (configs/default.py keeps them),
+  rounded to 4 significant digits so that the runs' flags show it whole."""
+  bounds = hpo.default_config()
+  rng = np.random.default_rng((seed, k, ETA_DRAW_STREAM))
+  lr, wd = (math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            for lo, hi in (bounds.lr_bounds, bounds.wd_bounds))
+  return float(f'{lr:.4g}'), float(f'{wd:.4g}')
+
+
+def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
   """The arms of one (dataset, seed): the components with the config's
-  dynamics, their baselines, then the changed dynamics."""
+  dynamics, their baselines, the changed dynamics, then HPO from drawn
+  starts."""
   return ((Arm(SEARCH, 'ista_one_stage'),
            Arm(DA_LEARNED, 'nas_da'),
            Arm(DA_UNIFORM, 'nas_da', ('da.policy_lr=0.0',)),
@@ -136,11 +169,24 @@ def arms(random_genotypes: int) -> tuple[Arm, ...]:
                                      'da.max_kl_from_uniform=0.0')),
              # η before the schedule's multiplier: annealed like the baseline.
              Arm(HPO_ANNEALED, 'nas_hpo',
-                 ('optimizer.anneal_learned_lr=True',))))
+                 ('optimizer.anneal_learned_lr=True',)))
+          # The fixed η₀ against η learned from η₀; η annealed like the
+          # fixed schedule, so that the pair differs in learning η alone.
+          # At the config's rate η moved at most 0.6 in log over a CIFAR-10
+          # run, while a start lies up to 3 from the schedule's 0.05: the
+          # fast arm lets it move 3x as far.
+          + tuple(arm for k in range(eta_draws) for arm in (
+              Arm(f'{FIXED_ETA_PREFIX}{k}', 'ista_one_stage', eta_draw=k),
+              Arm(f'{HPO_ETA_PREFIX}{k}', 'nas_hpo',
+                  ('optimizer.anneal_learned_lr=True',), eta_draw=k,
+                  eta_fields=LEARNED_ETA_FIELDS),
+              Arm(f'{HPO_ETA_FAST_PREFIX}{k}', 'nas_hpo',
+                  ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03'),
+                  eta_draw=k, eta_fields=LEARNED_ETA_FIELDS))))
 
 
-# (component, learned arm, baseline arms) of each comparison; 'random'
-# stands for every random-genotype arm.
+# (component, learned arm, baseline arms) of each comparison; a prefix
+# stands for every arm it names (`PREFIXES`).
 COMPARISONS = (
     ('NAS', SEARCHED, (RANDOM_PREFIX,)),
     ('DA', DA_LEARNED, (DA_UNIFORM, SEARCH)),
@@ -149,9 +195,16 @@ COMPARISONS = (
     ('DA, τ at half the rate', DA_SLOW, (DA_UNIFORM, SEARCH)),
     ('DA, τ 2.5x faster', DA_FAST, (DA_UNIFORM, SEARCH)),
     ('HPO, η annealed', HPO_ANNEALED, (SEARCH,)),
+    ('HPO from drawn η₀', HPO_ETA_PREFIX, (FIXED_ETA_PREFIX,)),
+    ('HPO from drawn η₀, η 3x faster', HPO_ETA_FAST_PREFIX,
+     (FIXED_ETA_PREFIX,)),
 )
 BASELINE_NAMES = {RANDOM_PREFIX: 'random genotypes', DA_UNIFORM: 'τ uniform',
-                  SEARCH: 'no DA / fixed schedule'}
+                  SEARCH: 'no DA / fixed schedule',
+                  FIXED_ETA_PREFIX: 'fixed η₀ (paired)'}
+# Comparisons made pair by pair: arm k of a seed against arm k of the seed.
+PAIRED = {(HPO_ETA_PREFIX, FIXED_ETA_PREFIX),
+          (HPO_ETA_FAST_PREFIX, FIXED_ETA_PREFIX)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +261,9 @@ def command(args: argparse.Namespace, budget: Budget, dataset: str,
             + list(arm.overrides) + list(args.set))
   if arm.genotype is not None:
     fields.append(f'model.genotype={genotype_path(args.out, dataset, seed, arm)}')
+  if arm.eta_draw is not None:
+    fields += [f'{field}={value}' for field, value in
+               zip(arm.eta_fields, drawn_eta(seed, arm.eta_draw))]
   return ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
            f'--workdir={workdir_of(args.out, dataset, seed, arm.name)}']
           + [f'--config.{f}' for f in fields])
@@ -233,7 +289,7 @@ def run_campaign(args: argparse.Namespace, budget: Budget) -> None:
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     for dataset in args.datasets:
       for seed in args.seeds:
-        pending = [a for a in arms(args.random_genotypes)
+        pending = [a for a in arms(args.random_genotypes, args.eta_draws)
                    if not _finished(workdir_of(args.out, dataset, seed,
                                                a.name))]
         waves = ([a for a in pending if not a.waits_for_search],
@@ -282,7 +338,7 @@ def run_record(args: argparse.Namespace, dataset: str, seed: int, arm: Arm
   metrics = _records(os.path.join(workdir, train.METRICS_FILE))
   nas = [r for r in metrics if r['phase'] == 'nas_epoch']
   da = [r for r in metrics if r['phase'] == 'da_epoch']
-  hpo = [r for r in metrics if r['phase'] == 'hpo_epoch']
+  hpo_epochs = [r for r in metrics if r['phase'] == 'hpo_epoch']
   record.update(
       status='finished', test_accuracy=summary['test_accuracy'],
       hpo_accuracy=summary['hpo_accuracy'],
@@ -297,17 +353,40 @@ def run_record(args: argparse.Namespace, dataset: str, seed: int, arm: Arm
     record.update(tau_entropy=da[-1]['entropy'],
                   tau_kl_from_uniform=da[-1]['kl_from_uniform'],
                   tau_top_pair=da[-1]['top_pair'])
-  if hpo:
-    record.update(final_learning_rate=hpo[-1]['learning_rate'],
-                  final_weight_decay=hpo[-1]['weight_decay'])
+  if hpo_epochs:
+    record.update(final_learning_rate=hpo_epochs[-1]['learning_rate'],
+                  final_weight_decay=hpo_epochs[-1]['weight_decay'])
+  if arm.eta_draw is not None:
+    record.update(zip(('initial_learning_rate', 'initial_weight_decay'),
+                      drawn_eta(seed, arm.eta_draw)))
   return record
+
+
+def _named(arm: str, name: str) -> bool:
+  """Whether `arm` is the arm `name`, or one of the arms a prefix names."""
+  return arm == name or (name in PREFIXES and arm.startswith(name)
+                         and arm[len(name):].isdigit())
 
 
 def _values(records, dataset, arm_prefix, key) -> list[float]:
   return [r[key] for r in records
           if r['dataset'] == dataset and r['status'] == 'finished'
-          and (r['arm'] == arm_prefix or (arm_prefix == RANDOM_PREFIX and
-                                          r['arm'].startswith(RANDOM_PREFIX)))]
+          and _named(r['arm'], arm_prefix)]
+
+
+def paired_runs(records, dataset, learned_prefix, base_prefix
+                ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+  """(learned, baseline) run records of the same seed and index k, both
+  finished, in the records' order."""
+  done = {(r['seed'], r['arm']): r for r in records
+          if r['dataset'] == dataset and r['status'] == 'finished'}
+  pairs = []
+  for (seed, arm), run in done.items():
+    if _named(arm, learned_prefix):
+      base = done.get((seed, base_prefix + arm[len(learned_prefix):]))
+      if base is not None:
+        pairs.append((run, base))
+  return pairs
 
 
 def verdict(learned: Sequence[float], baseline: Sequence[float]) -> str:
@@ -324,6 +403,25 @@ def verdict(learned: Sequence[float], baseline: Sequence[float]) -> str:
   return f'tie: {diff * PERCENT:+.2f}, within 1 sd = {sd * PERCENT:.2f}'
 
 
+def paired_verdict(differences: Sequence[float]) -> str:
+  """'beats', 'loses' or 'tie' by the differences learned − baseline of
+  paired runs: their mean against their sample sd, as `verdict`."""
+  if len(differences) < 2:
+    return 'too few pairs'
+  mean = statistics.fmean(differences)
+  sd = statistics.stdev(differences)
+  wins = sum(d > 0 for d in differences)
+  tally = f'higher in {wins} of {len(differences)} pairs'
+  if mean > sd:
+    return (f'beats by {mean * PERCENT:.2f} (paired; > 1 sd = '
+            f'{sd * PERCENT:.2f}; {tally})')
+  if mean < -sd:
+    return (f'loses by {-mean * PERCENT:.2f} (paired; > 1 sd = '
+            f'{sd * PERCENT:.2f}; {tally})')
+  return (f'tie: {mean * PERCENT:+.2f} (paired), within 1 sd = '
+          f'{sd * PERCENT:.2f}; {tally}')
+
+
 def comparison_table(records: Sequence[dict[str, Any]], dataset: str) -> str:
   head = ['component', 'learned', 'test acc. % (HPO split %)', 'baseline',
           'test acc. % (HPO split %)', 'learned vs baseline (test)']
@@ -334,6 +432,12 @@ def comparison_table(records: Sequence[dict[str, Any]], dataset: str) -> str:
     for base in baselines:
       theirs = _values(records, dataset, base, 'test_accuracy')
       theirs_hpo = _values(records, dataset, base, 'hpo_accuracy')
+      if (learned, base) in PAIRED:
+        outcome = paired_verdict(
+            [a['test_accuracy'] - b['test_accuracy']
+             for a, b in paired_runs(records, dataset, learned, base)])
+      else:
+        outcome = verdict(ours, theirs)
       rows.append('| ' + ' | '.join([
           component, f'`{learned}`',
           f'{reproduce.format_mean_sd(ours)} '
@@ -341,7 +445,31 @@ def comparison_table(records: Sequence[dict[str, Any]], dataset: str) -> str:
           BASELINE_NAMES[base],
           f'{reproduce.format_mean_sd(theirs)} '
           f'({reproduce.format_mean_sd(theirs_hpo)})',
-          verdict(ours, theirs)]) + ' |')
+          outcome]) + ' |')
+  return '\n'.join(rows)
+
+
+def eta_table(records: Sequence[dict[str, Any]], dataset: str,
+              learned_prefix: str) -> str:
+  """The HPO-from-η₀ pairs of an arm: the start, where HPO took η, both
+  accuracies."""
+  head = ['seed', 'k', 'η₀: lr, wd', 'η learned: final lr, wd',
+          'fixed η₀: test % (HPO split %)', 'η learned: test % (HPO split %)',
+          'learned − fixed (test)']
+  rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  pct = lambda r: (f"{r['test_accuracy'] * PERCENT:.2f} "
+                   f"({r['hpo_accuracy'] * PERCENT:.2f})")
+  for learned, fixed in paired_runs(records, dataset, learned_prefix,
+                                    FIXED_ETA_PREFIX):
+    rows.append('| ' + ' | '.join([
+        str(learned['seed']), learned['arm'][len(learned_prefix):],
+        f"{learned['initial_learning_rate']:.4g}, "
+        f"{learned['initial_weight_decay']:.4g}",
+        f"{learned['final_learning_rate']:.4g}, "
+        f"{learned['final_weight_decay']:.4g}",
+        pct(fixed), pct(learned),
+        f"{(learned['test_accuracy'] - fixed['test_accuracy']) * PERCENT:+.2f}"
+    ]) + ' |')
   return '\n'.join(rows)
 
 
@@ -384,8 +512,11 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
       'brackets the accuracy on the HPO split, on which any choice is made.',
   ]
   for dataset in args.datasets:
-    lines += ['', f'**{dataset}**', '', comparison_table(records, dataset),
-              '', 'Every run:', '', runs_table(records, dataset)]
+    lines += ['', f'**{dataset}**', '', comparison_table(records, dataset)]
+    for prefix in (HPO_ETA_PREFIX, HPO_ETA_FAST_PREFIX):
+      lines += ['', f'`{prefix}` against the fixed η₀, pair by pair:', '',
+                eta_table(records, dataset, prefix)]
+    lines += ['', 'Every run:', '', runs_table(records, dataset)]
   return '\n'.join(lines)
 
 
@@ -423,6 +554,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--seeds', default='0,1,2',
                       type=lambda s: [int(x) for x in s.split(',') if x])
   parser.add_argument('--random-genotypes', type=int, default=5)
+  parser.add_argument('--eta-draws', type=int, default=3,
+                      help='drawn starts η₀ of the HPO-from-η₀ pairs')
   parser.add_argument('--jobs', type=int, default=2,
                       help='runs at a time (each on one XLA thread if > 1)')
   for field in dataclasses.fields(Budget):
@@ -455,7 +588,7 @@ def main(argv: Sequence[str]) -> int:
       reproduce.reuse_conflict(workdir_of(args.out, d, s, a.name),
                                command(args, budget, d, s, a))
       for d in args.datasets for s in args.seeds
-      for a in arms(args.random_genotypes)) if c is not None]
+      for a in arms(args.random_genotypes, args.eta_draws)) if c is not None]
   if conflicts:
     return reproduce.refuse_reuse(conflicts)
   if not args.report_only:
@@ -465,7 +598,8 @@ def main(argv: Sequence[str]) -> int:
       print('Interrupted: rerun the same command to resume.', file=sys.stderr)
       return 130
   records = [run_record(args, d, s, a) for d in args.datasets
-             for s in args.seeds for a in arms(args.random_genotypes)]
+             for s in args.seeds
+             for a in arms(args.random_genotypes, args.eta_draws)]
   write_reports(records, args, budget)
   print(report_body(records, args, budget))
   return 0 if all(r['status'] == 'finished' for r in records) else 1

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from dha_jax import hpo
 from dha_jax import train
 from dha_jax.nas import mobilenet_space as ms
 from dha_jax.nas import search_space as ss
@@ -327,7 +328,7 @@ def test_ablate_search_refuses_runs_of_another_budget(tmp_path, capsys):
   argv = ['--out', str(tmp_path), '--datasets', 'digits', '--seeds', '0',
           '--report-dir', str(tmp_path)]
   args = ablate_search.parse_args(argv)
-  arm = ablate_search.arms(args.random_genotypes)[0]
+  arm = ablate_search.arms(args.random_genotypes, args.eta_draws)[0]
   budget = ablate_search.Budget(digits_steps=7)
   workdir = ablate_search.workdir_of(args.out, 'digits', 0, arm.name)
   os.makedirs(workdir)
@@ -385,8 +386,9 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
                                    '--cifar10', '/d/c10.zip'])
   budget = ablate_search.Budget()
   commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
-              for arm in ablate_search.arms(args.random_genotypes)}
-  assert len(commands) == 5 + 5 + 5
+              for arm in ablate_search.arms(args.random_genotypes,
+                                            args.eta_draws)}
+  assert len(commands) == 5 + 5 + 5 + 3 * 3
   flags = lambda name: {f for f in commands[name][3:]
                         if not f.startswith('--workdir')}
   assert flags('da_learned') ^ flags('da_uniform') == {
@@ -402,6 +404,16 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
       '--config.optimizer.anneal_learned_lr=True'}
   assert flags('search') ^ flags('search_heldout') == {
       '--config.nas.code_loss=heldout'}
+  # HPO from a drawn η₀: the fixed schedule starts where η starts.
+  lr, wd = ablate_search.drawn_eta(1, 2)
+  assert flags('fixed_eta2') ^ flags('hpo_eta2') == {
+      '--config.mode=ista_one_stage', '--config.mode=nas_hpo',
+      f'--config.optimizer.learning_rate={lr}',
+      f'--config.optimizer.weight_decay={wd}',
+      f'--config.hpo.init_lr={lr}', f'--config.hpo.init_wd={wd}',
+      '--config.optimizer.anneal_learned_lr=True'}
+  assert flags('hpo_eta2') ^ flags('hpo_eta_fast2') == {
+      '--config.hpo.meta_lr=0.03'}
   for arm, search in (('searched', 'search'),
                       ('searched_heldout', 'search_heldout')):
     genotype = [f for f in commands[arm] if 'genotype=' in f][0]
@@ -412,7 +424,7 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   assert ss.Genotype.from_json(first)
   os.remove(path)
   ablate_search.command(args, budget, 'cifar10', 1,
-                        ablate_search.arms(5)[5])  # drawn again, the same
+                        ablate_search.arms(5, 3)[5])  # drawn again, the same
   assert open(path).read() == first
   assert '--config.dataset.path=/d/c10.zip' in commands['search']
 
@@ -424,6 +436,61 @@ def test_ablate_search_verdict():
       'loses')
   assert ablate_search.verdict([0.8, 0.9], [0.85, 0.86]).startswith('tie')
   assert ablate_search.verdict([0.8], [0.85, 0.86]) == 'too few runs'
+
+
+def test_ablate_search_drawn_eta_lies_in_hpo_bounds_log_uniformly():
+  draws = np.array([ablate_search.drawn_eta(seed, k)
+                    for seed in range(50) for k in range(4)])
+  bounds = hpo.default_config()
+  for column, (lo, hi) in enumerate((bounds.lr_bounds, bounds.wd_bounds)):
+    values = draws[:, column]
+    assert np.all((lo <= values) & (values <= hi))
+    # Log-uniform: the log's quartiles near those of U[log lo, log hi].
+    quartiles = np.quantile(np.log(values), [0.25, 0.5, 0.75])
+    expected = np.log(lo) + np.array([0.25, 0.5, 0.75]) * np.log(hi / lo)
+    np.testing.assert_allclose(quartiles, expected, atol=0.1 * np.log(hi / lo))
+  assert ablate_search.drawn_eta(0, 1) == ablate_search.drawn_eta(0, 1)
+  assert ablate_search.drawn_eta(0, 1) != ablate_search.drawn_eta(1, 1)
+
+
+def test_ablate_search_pairs_runs_by_seed_and_draw():
+  def run(seed, arm, test, **more):
+    return {'dataset': 'cifar10', 'seed': seed, 'arm': arm,
+            'status': 'finished', 'test_accuracy': test, 'hpo_accuracy': test,
+            **more}
+  hpo_run = lambda seed, k, test: run(
+      seed, f'hpo_eta{k}', test, final_learning_rate=0.01,
+      final_weight_decay=1e-4,
+      **dict(zip(('initial_learning_rate', 'initial_weight_decay'),
+                 ablate_search.drawn_eta(seed, k))))
+  records = [run(0, 'fixed_eta0', 0.30), hpo_run(0, 0, 0.35),
+             run(0, 'fixed_eta1', 0.40), hpo_run(0, 1, 0.41),
+             run(1, 'fixed_eta0', 0.20), hpo_run(1, 0, 0.32),
+             hpo_run(1, 1, 0.5),  # its fixed run is missing: no pair
+             # Another arm's prefix extends 'hpo_eta': not one of its pairs.
+             run(0, 'hpo_eta_fast0', 0.1),
+             run(1, 'search', 0.9)]
+  pairs = ablate_search.paired_runs(records, 'cifar10', 'hpo_eta',
+                                    'fixed_eta')
+  assert [(a['seed'], a['arm'], b['arm']) for a, b in pairs] == [
+      (0, 'hpo_eta0', 'fixed_eta0'), (0, 'hpo_eta1', 'fixed_eta1'),
+      (1, 'hpo_eta0', 'fixed_eta0')]
+  # Differences 5, 1 and 12 points: mean 6 > their sd 5.57.
+  assert ablate_search.paired_verdict([0.05, 0.01, 0.12]) == (
+      'beats by 6.00 (paired; > 1 sd = 5.57; higher in 3 of 3 pairs)')
+  table = ablate_search.comparison_table(records, 'cifar10')
+  (row,) = [line for line in table.splitlines() if '| `hpo_eta` |' in line]
+  assert row.endswith('| beats by 6.00 (paired; > 1 sd = 5.57; higher in 3 '
+                      'of 3 pairs) |')
+  assert 'random genotypes' in table
+  rows = ablate_search.eta_table(records, 'cifar10',
+                                 'hpo_eta').splitlines()[2:]
+  assert len(rows) == 3 and rows[2].endswith('| +12.00 |')
+  lr, wd = ablate_search.drawn_eta(1, 0)
+  assert f'| 1 | 0 | {lr:.4g}, {wd:.4g} | 0.01, 0.0001 |' in rows[2]
+  assert ablate_search.paired_verdict([0.01, -0.02]).startswith('tie')
+  assert ablate_search.paired_verdict([-0.05, -0.04]).startswith('loses')
+  assert ablate_search.paired_verdict([0.05]) == 'too few pairs'
 
 
 # ------------------------------------------------------------ profile_step
