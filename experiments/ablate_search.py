@@ -21,8 +21,10 @@ More arms change the search dynamics, against the same baselines:
 `da_slow` and `da_fast` (τ's Adam rate 0.01 and 0.05 around the config's
 0.02; 0.01 was the config's when the campaign began; `da_fast` without the
 config's `da.max_kl_from_uniform`), `hpo_annealed`
-(`optimizer.anneal_learned_lr`: η times the schedule's multiplier) and
-`hpo_eta_fast` (from the drawn η₀, η's rate `hpo.meta_lr` 3x the config's).
+(`optimizer.anneal_learned_lr`: η times the schedule's multiplier),
+`hpo_eta_fast` (from the drawn η₀, η's rate `hpo.meta_lr` 3x the config's)
+and `hpo_eta_exact` (the same with the paper's exact hypergradient, Eq. 4
+on the HPO batch, instead of the config's online one).
 
 Datasets: scikit-learn's digits (offline) and a class-balanced CIFAR-10
 subset from the image-folder zip (`--cifar10`, default
@@ -98,15 +100,18 @@ SEARCH_HELDOUT, SEARCHED_HELDOUT = 'search_heldout', 'searched_heldout'
 DA_SLOW, DA_FAST = 'da_slow', 'da_fast'
 HPO_ANNEALED = 'hpo_annealed'
 # HPO against a fixed η from the same drawn start (`drawn_eta`); the fast
-# arm with 3x the config's rate of η (hpo.meta_lr 0.01).
+# arm with 3x the config's rate of η (hpo.meta_lr 0.01), the exact arm also
+# with the paper's hypergradient (Eq. 4 on the HPO batch) instead of the
+# config's online one.
 FIXED_ETA_PREFIX, HPO_ETA_PREFIX = 'fixed_eta', 'hpo_eta'
-HPO_ETA_FAST_PREFIX = 'hpo_eta_fast'
+HPO_ETA_FAST_PREFIX, HPO_ETA_EXACT_PREFIX = 'hpo_eta_fast', 'hpo_eta_exact'
+LEARNED_ETA_PREFIXES = (HPO_ETA_PREFIX, HPO_ETA_FAST_PREFIX,
+                        HPO_ETA_EXACT_PREFIX)
 FIXED_ETA_FIELDS = ('optimizer.learning_rate', 'optimizer.weight_decay')
 LEARNED_ETA_FIELDS = ('hpo.init_lr', 'hpo.init_wd')
 # Arms named by a prefix and an index; a comparison with a prefix takes
 # every such arm.
-PREFIXES = (RANDOM_PREFIX, FIXED_ETA_PREFIX, HPO_ETA_PREFIX,
-            HPO_ETA_FAST_PREFIX)
+PREFIXES = (RANDOM_PREFIX, FIXED_ETA_PREFIX) + LEARNED_ETA_PREFIXES
 # Keeps the η draws of (seed, k) apart from the random genotypes' (seed, k).
 ETA_DRAW_STREAM = 1
 
@@ -174,7 +179,10 @@ def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
           # fixed schedule, so that the pair differs in learning η alone.
           # At the config's rate η moved at most 0.6 in log over a CIFAR-10
           # run, while a start lies up to 3 from the schedule's 0.05: the
-          # fast arm lets it move 3x as far.
+          # fast arm lets it move 3x as far. The online hypergradient (the
+          # config's) sees only training batches, so nothing in it rewards
+          # generalisation; the exact arm measures the paper's Eq. 4 on the
+          # HPO batch, at the fast arm's rate.
           + tuple(arm for k in range(eta_draws) for arm in (
               Arm(f'{FIXED_ETA_PREFIX}{k}', 'ista_one_stage', eta_draw=k),
               Arm(f'{HPO_ETA_PREFIX}{k}', 'nas_hpo',
@@ -182,6 +190,10 @@ def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
                   eta_fields=LEARNED_ETA_FIELDS),
               Arm(f'{HPO_ETA_FAST_PREFIX}{k}', 'nas_hpo',
                   ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03'),
+                  eta_draw=k, eta_fields=LEARNED_ETA_FIELDS),
+              Arm(f'{HPO_ETA_EXACT_PREFIX}{k}', 'nas_hpo',
+                  ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03',
+                   'hpo.mode=exact'),
                   eta_draw=k, eta_fields=LEARNED_ETA_FIELDS))))
 
 
@@ -198,13 +210,14 @@ COMPARISONS = (
     ('HPO from drawn η₀', HPO_ETA_PREFIX, (FIXED_ETA_PREFIX,)),
     ('HPO from drawn η₀, η 3x faster', HPO_ETA_FAST_PREFIX,
      (FIXED_ETA_PREFIX,)),
+    ('HPO from drawn η₀, η 3x faster, exact Eq. 4', HPO_ETA_EXACT_PREFIX,
+     (FIXED_ETA_PREFIX,)),
 )
 BASELINE_NAMES = {RANDOM_PREFIX: 'random genotypes', DA_UNIFORM: 'τ uniform',
                   SEARCH: 'no DA / fixed schedule',
                   FIXED_ETA_PREFIX: 'fixed η₀ (paired)'}
 # Comparisons made pair by pair: arm k of a seed against arm k of the seed.
-PAIRED = {(HPO_ETA_PREFIX, FIXED_ETA_PREFIX),
-          (HPO_ETA_FAST_PREFIX, FIXED_ETA_PREFIX)}
+PAIRED = {(prefix, FIXED_ETA_PREFIX) for prefix in LEARNED_ETA_PREFIXES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,18 +402,24 @@ def paired_runs(records, dataset, learned_prefix, base_prefix
   return pairs
 
 
+def _judged(diff: float, sd: float, tally: str | None = None) -> str:
+  """'beats by', 'loses by' or 'tie': a difference (a fraction) against one
+  sd; `tally` (paired comparisons) is appended."""
+  tag, tail = ('', '') if tally is None else ('paired; ', f'; {tally}')
+  if abs(diff) > sd:
+    return (f"{'beats' if diff > 0 else 'loses'} by {abs(diff) * PERCENT:.2f} "
+            f'({tag}> 1 sd = {sd * PERCENT:.2f}{tail})')
+  return (f"tie: {diff * PERCENT:+.2f}{'' if tally is None else ' (paired)'}, "
+          f'within 1 sd = {sd * PERCENT:.2f}{tail}')
+
+
 def verdict(learned: Sequence[float], baseline: Sequence[float]) -> str:
   """'beats', 'loses' or 'tie': the difference of the means against the
   larger sample sd (a difference within one sd is a tie)."""
   if len(learned) < 2 or len(baseline) < 2:
     return 'too few runs'
-  diff = statistics.fmean(learned) - statistics.fmean(baseline)
-  sd = max(statistics.stdev(learned), statistics.stdev(baseline))
-  if diff > sd:
-    return f'beats by {diff * PERCENT:.2f} (> 1 sd = {sd * PERCENT:.2f})'
-  if diff < -sd:
-    return f'loses by {-diff * PERCENT:.2f} (> 1 sd = {sd * PERCENT:.2f})'
-  return f'tie: {diff * PERCENT:+.2f}, within 1 sd = {sd * PERCENT:.2f}'
+  return _judged(statistics.fmean(learned) - statistics.fmean(baseline),
+                 max(statistics.stdev(learned), statistics.stdev(baseline)))
 
 
 def paired_verdict(differences: Sequence[float]) -> str:
@@ -408,18 +427,9 @@ def paired_verdict(differences: Sequence[float]) -> str:
   paired runs: their mean against their sample sd, as `verdict`."""
   if len(differences) < 2:
     return 'too few pairs'
-  mean = statistics.fmean(differences)
-  sd = statistics.stdev(differences)
   wins = sum(d > 0 for d in differences)
-  tally = f'higher in {wins} of {len(differences)} pairs'
-  if mean > sd:
-    return (f'beats by {mean * PERCENT:.2f} (paired; > 1 sd = '
-            f'{sd * PERCENT:.2f}; {tally})')
-  if mean < -sd:
-    return (f'loses by {-mean * PERCENT:.2f} (paired; > 1 sd = '
-            f'{sd * PERCENT:.2f}; {tally})')
-  return (f'tie: {mean * PERCENT:+.2f} (paired), within 1 sd = '
-          f'{sd * PERCENT:.2f}; {tally}')
+  return _judged(statistics.fmean(differences), statistics.stdev(differences),
+                 f'higher in {wins} of {len(differences)} pairs')
 
 
 def comparison_table(records: Sequence[dict[str, Any]], dataset: str) -> str:
@@ -513,7 +523,7 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
   ]
   for dataset in args.datasets:
     lines += ['', f'**{dataset}**', '', comparison_table(records, dataset)]
-    for prefix in (HPO_ETA_PREFIX, HPO_ETA_FAST_PREFIX):
+    for prefix in LEARNED_ETA_PREFIXES:
       lines += ['', f'`{prefix}` against the fixed η₀, pair by pair:', '',
                 eta_table(records, dataset, prefix)]
     lines += ['', 'Every run:', '', runs_table(records, dataset)]

@@ -388,7 +388,7 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
               for arm in ablate_search.arms(args.random_genotypes,
                                             args.eta_draws)}
-  assert len(commands) == 5 + 5 + 5 + 3 * 3
+  assert len(commands) == 5 + 5 + 5 + 3 * 4
   flags = lambda name: {f for f in commands[name][3:]
                         if not f.startswith('--workdir')}
   assert flags('da_learned') ^ flags('da_uniform') == {
@@ -414,6 +414,8 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
       '--config.optimizer.anneal_learned_lr=True'}
   assert flags('hpo_eta2') ^ flags('hpo_eta_fast2') == {
       '--config.hpo.meta_lr=0.03'}
+  assert flags('hpo_eta_fast2') ^ flags('hpo_eta_exact2') == {
+      '--config.hpo.mode=exact'}
   for arm, search in (('searched', 'search'),
                       ('searched_heldout', 'search_heldout')):
     genotype = [f for f in commands[arm] if 'genotype=' in f][0]
@@ -468,7 +470,7 @@ def test_ablate_search_pairs_runs_by_seed_and_draw():
              run(1, 'fixed_eta0', 0.20), hpo_run(1, 0, 0.32),
              hpo_run(1, 1, 0.5),  # its fixed run is missing: no pair
              # Another arm's prefix extends 'hpo_eta': not one of its pairs.
-             run(0, 'hpo_eta_fast0', 0.1),
+             run(0, 'hpo_eta_fast0', 0.1), run(0, 'hpo_eta_exact0', 0.1),
              run(1, 'search', 0.9)]
   pairs = ablate_search.paired_runs(records, 'cifar10', 'hpo_eta',
                                     'fixed_eta')
