@@ -67,6 +67,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from dha_jax import hpo
 from dha_jax import train
@@ -87,6 +88,8 @@ END_MARKER = '<!-- ablate:end -->'
 RESULTS_JSON = 'ablate_search.json'
 DATASETS = ('digits', 'cifar10')
 PERCENT = 100.0
+# Confidence of the t interval of a paired mean difference.
+CONFIDENCE = 0.95
 LOG_EVERY_STEPS = 20
 CHECKPOINT_EVERY_STEPS = 50
 
@@ -422,14 +425,29 @@ def verdict(learned: Sequence[float], baseline: Sequence[float]) -> str:
                  max(statistics.stdev(learned), statistics.stdev(baseline)))
 
 
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+  """The two-sided Student-t interval of the mean at `CONFIDENCE`."""
+  n = len(values)
+  half = (stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * statistics.stdev(values)
+          / math.sqrt(n))
+  mean = statistics.fmean(values)
+  return mean - half, mean + half
+
+
 def paired_verdict(differences: Sequence[float]) -> str:
   """'beats', 'loses' or 'tie' by the differences learned − baseline of
-  paired runs: their mean against their sample sd, as `verdict`."""
+  paired runs: their mean against their sample sd, as `verdict`; then how
+  many pairs the learned run wins and the t interval of the mean difference,
+  which tells whether its sign is established (the 1-sd rule asks more: a
+  gain larger than the pairs' spread)."""
   if len(differences) < 2:
     return 'too few pairs'
   wins = sum(d > 0 for d in differences)
+  lo, hi = mean_interval(differences)
   return _judged(statistics.fmean(differences), statistics.stdev(differences),
-                 f'higher in {wins} of {len(differences)} pairs')
+                 f'higher in {wins} of {len(differences)} pairs; '
+                 f'{CONFIDENCE:.0%} CI of the mean {lo * PERCENT:+.2f} to '
+                 f'{hi * PERCENT:+.2f}')
 
 
 def comparison_table(records: Sequence[dict[str, Any]], dataset: str) -> str:

@@ -477,13 +477,14 @@ def test_ablate_search_pairs_runs_by_seed_and_draw():
   assert [(a['seed'], a['arm'], b['arm']) for a, b in pairs] == [
       (0, 'hpo_eta0', 'fixed_eta0'), (0, 'hpo_eta1', 'fixed_eta1'),
       (1, 'hpo_eta0', 'fixed_eta0')]
-  # Differences 5, 1 and 12 points: mean 6 > their sd 5.57.
-  assert ablate_search.paired_verdict([0.05, 0.01, 0.12]) == (
-      'beats by 6.00 (paired; > 1 sd = 5.57; higher in 3 of 3 pairs)')
+  # Differences 5, 1 and 12 points: mean 6 > their sd 5.57; the t interval
+  # 6 ± 4.303 · 5.57 / √3 (t's 97.5 % quantile at 2 degrees of freedom).
+  expected = ('beats by 6.00 (paired; > 1 sd = 5.57; higher in 3 of 3 pairs; '
+              '95% CI of the mean -7.83 to +19.83)')
+  assert ablate_search.paired_verdict([0.05, 0.01, 0.12]) == expected
   table = ablate_search.comparison_table(records, 'cifar10')
   (row,) = [line for line in table.splitlines() if '| `hpo_eta` |' in line]
-  assert row.endswith('| beats by 6.00 (paired; > 1 sd = 5.57; higher in 3 '
-                      'of 3 pairs) |')
+  assert row.endswith(f'| {expected} |')
   assert 'random genotypes' in table
   rows = ablate_search.eta_table(records, 'cifar10',
                                  'hpo_eta').splitlines()[2:]
@@ -493,6 +494,16 @@ def test_ablate_search_pairs_runs_by_seed_and_draw():
   assert ablate_search.paired_verdict([0.01, -0.02]).startswith('tie')
   assert ablate_search.paired_verdict([-0.05, -0.04]).startswith('loses')
   assert ablate_search.paired_verdict([0.05]) == 'too few pairs'
+
+
+def test_ablate_search_mean_interval_is_students_t():
+  # Mean 2, sd 1, n = 3: 2 ± 4.3027 / √3; n = 30: t's quantile near 2.045.
+  np.testing.assert_allclose(ablate_search.mean_interval([1.0, 2.0, 3.0]),
+                             (2 - 2.48414, 2 + 2.48414), atol=1e-5)
+  values = np.linspace(-1.0, 1.0, 30)
+  half = 2.04523 * values.std(ddof=1) / np.sqrt(30)
+  np.testing.assert_allclose(ablate_search.mean_interval(list(values)),
+                             (-half, half), atol=1e-5)
 
 
 # ------------------------------------------------------------ profile_step
