@@ -23,8 +23,9 @@ More arms change the search dynamics, against the same baselines:
 config's `da.max_kl_from_uniform`), `hpo_annealed`
 (`optimizer.anneal_learned_lr`: η times the schedule's multiplier),
 `hpo_eta_fast` (from the drawn η₀, η's rate `hpo.meta_lr` 3x the config's)
-and `hpo_eta_exact` (the same with the paper's exact hypergradient, Eq. 4
-on the HPO batch, instead of the config's online one).
+`hpo_eta_exact` (the same with the paper's exact hypergradient, Eq. 4
+on the HPO batch, instead of the config's online one) and `hpo_eta_exact_lr`
+(the exact arm learning the learning rate alone, weight decay pinned at η₀).
 
 Datasets: scikit-learn's digits (offline) and a class-balanced CIFAR-10
 subset from the image-folder zip (`--cifar10`, default
@@ -105,13 +106,18 @@ HPO_ANNEALED = 'hpo_annealed'
 # HPO against a fixed η from the same drawn start (`drawn_eta`); the fast
 # arm with 3x the config's rate of η (hpo.meta_lr 0.01), the exact arm also
 # with the paper's hypergradient (Eq. 4 on the HPO batch) instead of the
-# config's online one.
+# config's online one; the exact-lr arm learns the learning rate alone
+# (weight decay pinned at η₀ by its bounds).
 FIXED_ETA_PREFIX, HPO_ETA_PREFIX = 'fixed_eta', 'hpo_eta'
 HPO_ETA_FAST_PREFIX, HPO_ETA_EXACT_PREFIX = 'hpo_eta_fast', 'hpo_eta_exact'
+HPO_ETA_EXACT_LR_PREFIX = 'hpo_eta_exact_lr'
 LEARNED_ETA_PREFIXES = (HPO_ETA_PREFIX, HPO_ETA_FAST_PREFIX,
-                        HPO_ETA_EXACT_PREFIX)
+                        HPO_ETA_EXACT_PREFIX, HPO_ETA_EXACT_LR_PREFIX)
 FIXED_ETA_FIELDS = ('optimizer.learning_rate', 'optimizer.weight_decay')
 LEARNED_ETA_FIELDS = ('hpo.init_lr', 'hpo.init_wd')
+# The exact arms' settings: η annealed, 3x the config's rate, Eq. 4.
+EXACT_ETA_OVERRIDES = ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03',
+                       'hpo.mode=exact')
 # Arms named by a prefix and an index; a comparison with a prefix takes
 # every such arm.
 PREFIXES = (RANDOM_PREFIX, FIXED_ETA_PREFIX) + LEARNED_ETA_PREFIXES
@@ -131,6 +137,8 @@ class Arm:
       genotype.json it trains, or the index of a random genotype.
     eta_draw: the index k of the drawn η₀ (`drawn_eta`) the arm starts
       from, set in `eta_fields` (learning rate, weight decay).
+    pin_weight_decay: HPO's weight-decay bounds are both η₀'s, so that only
+      the learning rate is learned.
   """
   name: str
   mode: str
@@ -138,6 +146,7 @@ class Arm:
   genotype: str | int | None = None
   eta_draw: int | None = None
   eta_fields: tuple[str, str] = FIXED_ETA_FIELDS
+  pin_weight_decay: bool = False
 
   @property
   def waits_for_search(self) -> bool:
@@ -194,10 +203,14 @@ def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
               Arm(f'{HPO_ETA_FAST_PREFIX}{k}', 'nas_hpo',
                   ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03'),
                   eta_draw=k, eta_fields=LEARNED_ETA_FIELDS),
-              Arm(f'{HPO_ETA_EXACT_PREFIX}{k}', 'nas_hpo',
-                  ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03',
-                   'hpo.mode=exact'),
-                  eta_draw=k, eta_fields=LEARNED_ETA_FIELDS))))
+              Arm(f'{HPO_ETA_EXACT_PREFIX}{k}', 'nas_hpo', EXACT_ETA_OVERRIDES,
+                  eta_draw=k, eta_fields=LEARNED_ETA_FIELDS),
+              # The exact arm drove weight decay to its upper bound from 7 of
+              # 9 CIFAR-10 starts: does learning the learning rate alone
+              # do better?
+              Arm(f'{HPO_ETA_EXACT_LR_PREFIX}{k}', 'nas_hpo',
+                  EXACT_ETA_OVERRIDES, eta_draw=k,
+                  eta_fields=LEARNED_ETA_FIELDS, pin_weight_decay=True))))
 
 
 # (component, learned arm, baseline arms) of each comparison; a prefix
@@ -215,6 +228,8 @@ COMPARISONS = (
      (FIXED_ETA_PREFIX,)),
     ('HPO from drawn η₀, η 3x faster, exact Eq. 4', HPO_ETA_EXACT_PREFIX,
      (FIXED_ETA_PREFIX,)),
+    ('HPO from drawn η₀, η 3x faster, exact Eq. 4, learning rate only',
+     HPO_ETA_EXACT_LR_PREFIX, (FIXED_ETA_PREFIX,)),
 )
 BASELINE_NAMES = {RANDOM_PREFIX: 'random genotypes', DA_UNIFORM: 'τ uniform',
                   SEARCH: 'no DA / fixed schedule',
@@ -278,8 +293,10 @@ def command(args: argparse.Namespace, budget: Budget, dataset: str,
   if arm.genotype is not None:
     fields.append(f'model.genotype={genotype_path(args.out, dataset, seed, arm)}')
   if arm.eta_draw is not None:
-    fields += [f'{field}={value}' for field, value in
-               zip(arm.eta_fields, drawn_eta(seed, arm.eta_draw))]
+    eta = drawn_eta(seed, arm.eta_draw)
+    fields += [f'{field}={value}' for field, value in zip(arm.eta_fields, eta)]
+    if arm.pin_weight_decay:
+      fields.append(f'hpo.wd_bounds=({eta[1]}, {eta[1]})')
   return ([sys.executable, '-m', 'dha_jax.main', f'--config={BASE_CONFIG}',
            f'--workdir={workdir_of(args.out, dataset, seed, arm.name)}']
           + [f'--config.{f}' for f in fields])

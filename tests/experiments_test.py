@@ -388,7 +388,7 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
               for arm in ablate_search.arms(args.random_genotypes,
                                             args.eta_draws)}
-  assert len(commands) == 5 + 5 + 5 + 3 * 4
+  assert len(commands) == 5 + 5 + 5 + 3 * 5
   flags = lambda name: {f for f in commands[name][3:]
                         if not f.startswith('--workdir')}
   assert flags('da_learned') ^ flags('da_uniform') == {
@@ -416,6 +416,8 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
       '--config.hpo.meta_lr=0.03'}
   assert flags('hpo_eta_fast2') ^ flags('hpo_eta_exact2') == {
       '--config.hpo.mode=exact'}
+  assert flags('hpo_eta_exact2') ^ flags('hpo_eta_exact_lr2') == {
+      f'--config.hpo.wd_bounds=({wd}, {wd})'}
   for arm, search in (('searched', 'search'),
                       ('searched_heldout', 'search_heldout')):
     genotype = [f for f in commands[arm] if 'genotype=' in f][0]
@@ -471,6 +473,7 @@ def test_ablate_search_pairs_runs_by_seed_and_draw():
              hpo_run(1, 1, 0.5),  # its fixed run is missing: no pair
              # Another arm's prefix extends 'hpo_eta': not one of its pairs.
              run(0, 'hpo_eta_fast0', 0.1), run(0, 'hpo_eta_exact0', 0.1),
+             run(0, 'hpo_eta_exact_lr0', 0.1),
              run(1, 'search', 0.9)]
   pairs = ablate_search.paired_runs(records, 'cifar10', 'hpo_eta',
                                     'fixed_eta')
