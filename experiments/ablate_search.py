@@ -22,7 +22,7 @@ More arms change the search dynamics, against the same baselines:
 0.02; 0.01 was the config's when the campaign began; `da_fast` without the
 config's `da.max_kl_from_uniform`), `hpo_annealed`
 (`optimizer.anneal_learned_lr`: η times the schedule's multiplier),
-`hpo_eta_fast` (from the drawn η₀, η's rate `hpo.meta_lr` 3x the config's)
+`hpo_eta_fast` (from the drawn η₀, η's rate `hpo.meta_lr` 3x the config's),
 `hpo_eta_exact` (the same with the paper's exact hypergradient, Eq. 4
 on the HPO batch, instead of the config's online one) and `hpo_eta_exact_lr`
 (the exact arm learning the learning rate alone, weight decay pinned at η₀).
