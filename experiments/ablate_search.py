@@ -115,9 +115,11 @@ LEARNED_ETA_PREFIXES = (HPO_ETA_PREFIX, HPO_ETA_FAST_PREFIX,
                         HPO_ETA_EXACT_PREFIX, HPO_ETA_EXACT_LR_PREFIX)
 FIXED_ETA_FIELDS = ('optimizer.learning_rate', 'optimizer.weight_decay')
 LEARNED_ETA_FIELDS = ('hpo.init_lr', 'hpo.init_wd')
-# The exact arms' settings: η annealed, 3x the config's rate, Eq. 4.
-EXACT_ETA_OVERRIDES = ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03',
-                       'hpo.mode=exact')
+# The learned-η arms' settings, each adding one to the one before: η
+# annealed by the schedule, 3x the config's rate of η, Eq. 4.
+ANNEALED = ('optimizer.anneal_learned_lr=True',)
+FAST_ETA_OVERRIDES = ANNEALED + ('hpo.meta_lr=0.03',)
+EXACT_ETA_OVERRIDES = FAST_ETA_OVERRIDES + ('hpo.mode=exact',)
 # Arms named by a prefix and an index; a comparison with a prefix takes
 # every such arm.
 PREFIXES = (RANDOM_PREFIX, FIXED_ETA_PREFIX) + LEARNED_ETA_PREFIXES
@@ -185,8 +187,7 @@ def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
              Arm(DA_FAST, 'nas_da', ('da.policy_lr=0.05',
                                      'da.max_kl_from_uniform=0.0')),
              # η before the schedule's multiplier: annealed like the baseline.
-             Arm(HPO_ANNEALED, 'nas_hpo',
-                 ('optimizer.anneal_learned_lr=True',)))
+             Arm(HPO_ANNEALED, 'nas_hpo', ANNEALED))
           # The fixed η₀ against η learned from η₀; η annealed like the
           # fixed schedule, so that the pair differs in learning η alone.
           # At the config's rate η moved at most 0.6 in log over a CIFAR-10
@@ -197,17 +198,15 @@ def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
           # HPO batch, at the fast arm's rate.
           + tuple(arm for k in range(eta_draws) for arm in (
               Arm(f'{FIXED_ETA_PREFIX}{k}', 'ista_one_stage', eta_draw=k),
-              Arm(f'{HPO_ETA_PREFIX}{k}', 'nas_hpo',
-                  ('optimizer.anneal_learned_lr=True',), eta_draw=k,
+              Arm(f'{HPO_ETA_PREFIX}{k}', 'nas_hpo', ANNEALED, eta_draw=k,
                   eta_fields=LEARNED_ETA_FIELDS),
-              Arm(f'{HPO_ETA_FAST_PREFIX}{k}', 'nas_hpo',
-                  ('optimizer.anneal_learned_lr=True', 'hpo.meta_lr=0.03'),
+              Arm(f'{HPO_ETA_FAST_PREFIX}{k}', 'nas_hpo', FAST_ETA_OVERRIDES,
                   eta_draw=k, eta_fields=LEARNED_ETA_FIELDS),
               Arm(f'{HPO_ETA_EXACT_PREFIX}{k}', 'nas_hpo', EXACT_ETA_OVERRIDES,
                   eta_draw=k, eta_fields=LEARNED_ETA_FIELDS),
               # The exact arm drove weight decay to its upper bound from 7 of
-              # 9 CIFAR-10 starts: does learning the learning rate alone
-              # do better?
+              # 9 CIFAR-10 starts: does learning the learning rate alone do
+              # better? (It did not: experiments/RESULTS.md.)
               Arm(f'{HPO_ETA_EXACT_LR_PREFIX}{k}', 'nas_hpo',
                   EXACT_ETA_OVERRIDES, eta_draw=k,
                   eta_fields=LEARNED_ETA_FIELDS, pin_weight_decay=True))))
