@@ -388,7 +388,9 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   commands = {arm.name: ablate_search.command(args, budget, 'cifar10', 1, arm)
               for arm in ablate_search.arms(args.random_genotypes,
                                             args.eta_draws)}
-  assert len(commands) == 5 + 5 + 5 + 3 * 5
+  assert len(commands) == 5 + 5 + 6 + 3 * 5
+  assert ablate_search.dataset_arms(args, 'cifar10') == tuple(
+      ablate_search.arms(args.random_genotypes, args.eta_draws))
   flags = lambda name: {f for f in commands[name][3:]
                         if not f.startswith('--workdir')}
   assert flags('da_learned') ^ flags('da_uniform') == {
@@ -402,6 +404,8 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
       '--config.da.policy_lr=0.01'}
   assert flags('hpo_learned') ^ flags('hpo_annealed') == {
       '--config.optimizer.anneal_learned_lr=True'}
+  assert flags('hpo_annealed') ^ flags('hpo_exact') == {
+      '--config.hpo.meta_lr=0.03', '--config.hpo.mode=exact'}
   assert flags('search') ^ flags('search_heldout') == {
       '--config.nas.code_loss=heldout'}
   # HPO from a drawn η₀: the fixed schedule starts where η starts.
@@ -431,6 +435,38 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
                         ablate_search.arms(5, 3)[5])  # drawn again, the same
   assert open(path).read() == first
   assert '--config.dataset.path=/d/c10.zip' in commands['search']
+
+
+def test_ablate_search_digits_small_runs_the_da_and_hpo_arms_on_200_digits(
+    tmp_path):
+  args = ablate_search.parse_args(['--out', str(tmp_path)])
+  budget = ablate_search.Budget()
+  small = ablate_search.dataset_arms(args, 'digits_small')
+  assert [a.name for a in small] == ['search', 'da_learned', 'da_uniform',
+                                     'hpo_learned', 'hpo_exact']
+  assert len(ablate_search.dataset_arms(args, 'digits')) == 31
+  for arm in small:
+    flags = lambda dataset: set(
+        ablate_search.command(args, budget, dataset, 0, arm)[5:])
+    # The same run as on digits, on a subset half of which is held out.
+    assert flags('digits_small') - flags('digits') == {
+        '--config.dataset.max_train_examples=200',
+        '--config.dataset.val_ratio=0.5'}
+    assert flags('digits') <= flags('digits_small')
+  # Its report compares only the arms it runs.
+  records = [{'dataset': 'digits_small', 'seed': seed, 'arm': arm,
+              'mode': 'train', 'status': 'finished', 'test_accuracy': test,
+              'hpo_accuracy': test, 'wall_seconds': 60.0}
+             for seed in (0, 1)
+             for arm, test in (('search', 0.90), ('da_learned', 0.95),
+                               ('da_uniform', 0.94), ('hpo_learned', 0.91))]
+  table = ablate_search.comparison_table(records, 'digits_small')
+  assert [line.split(' | ')[0] for line in table.splitlines()[2:]] == [
+      '| DA', '| DA', '| HPO']
+  body = ablate_search.report_body(
+      records, ablate_search.parse_args(['--datasets', 'digits_small']),
+      budget)
+  assert '`hpo_eta` against' not in body and 'digits_small: 200 digits' in body
 
 
 def test_ablate_search_verdict():
@@ -488,7 +524,8 @@ def test_ablate_search_pairs_runs_by_seed_and_draw():
   table = ablate_search.comparison_table(records, 'cifar10')
   (row,) = [line for line in table.splitlines() if '| `hpo_eta` |' in line]
   assert row.endswith(f'| {expected} |')
-  assert 'random genotypes' in table
+  # No NAS arm among the records: no NAS comparison.
+  assert 'random genotypes' not in table
   rows = ablate_search.eta_table(records, 'cifar10',
                                  'hpo_eta').splitlines()[2:]
   assert len(rows) == 3 and rows[2].endswith('| +12.00 |')
