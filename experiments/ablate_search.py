@@ -31,9 +31,10 @@ on the HPO batch, instead of the config's online one) and `hpo_eta_exact_lr`
 Datasets: scikit-learn's digits (offline), a class-balanced CIFAR-10
 subset from the image-folder zip (`--cifar10`, default
 experiments/paths.CIFAR10_ZIP), and `digits_small`: 200 digits, half of
-them the HPO split, so that the network overfits its 100 training images
-and uniform DA beats no DA; only the DA and HPO arms run there
-(`DATASET_ARMS`). Seeds 0, 1, 2. Every run is
+them the HPO split, on which the network overfits its 100 training images
+(chosen because uniform DA beat no DA there on the HPO split of a pilot
+seed, 9); only the DA, HPO and NAS arms with the config's dynamics run
+there (`DATASET_ARMS`). Seeds 0, 1, 2. Every run is
 `python -m dha_jax.main` in its own process and workdir,
 `--out/<dataset>/seed<seed>/<arm>`; a finished run (summary.json) is never
 rerun and an interrupted one resumes from its checkpoint, so the command can
@@ -229,7 +230,8 @@ def dataset_arms(args: argparse.Namespace, dataset: str) -> tuple[Arm, ...]:
   every = arms(args.random_genotypes, args.eta_draws)
   if dataset not in DATASET_ARMS:
     return every
-  return tuple(a for a in every if a.name in DATASET_ARMS[dataset])
+  return tuple(a for a in every
+               if any(_named(a.name, n) for n in DATASET_ARMS[dataset]))
 
 
 # (component, learned arm, baseline arms) of each comparison; a prefix
@@ -256,10 +258,12 @@ BASELINE_NAMES = {RANDOM_PREFIX: 'random genotypes', DA_UNIFORM: 'τ uniform',
                   FIXED_ETA_PREFIX: 'fixed η₀ (paired)'}
 # The arms of a dataset that does not run them all: at the campaign's
 # budget DA lost to no DA on digits and CIFAR-10 alike, so digits_small
-# asks whether learned τ beats uniform τ where DA pays, and whether HPO
-# finds the regularisation that an overfitting network needs.
+# asks whether learned τ beats uniform τ where the network overfits,
+# whether HPO finds the regularisation that such a network needs, and
+# whether the searched cell beats random ones there (a prefix names every
+# arm it prefixes).
 DATASET_ARMS = {DIGITS_SMALL: (SEARCH, DA_LEARNED, DA_UNIFORM, HPO_LEARNED,
-                               HPO_EXACT)}
+                               SEARCHED, RANDOM_PREFIX, HPO_EXACT)}
 # Comparisons made pair by pair: arm k of a seed against arm k of the seed.
 PAIRED = {(prefix, FIXED_ETA_PREFIX) for prefix in LEARNED_ETA_PREFIXES}
 

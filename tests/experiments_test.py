@@ -437,22 +437,36 @@ def test_ablate_search_arms_differ_only_in_what_they_test(tmp_path):
   assert '--config.dataset.path=/d/c10.zip' in commands['search']
 
 
-def test_ablate_search_digits_small_runs_the_da_and_hpo_arms_on_200_digits(
+def test_ablate_search_digits_small_runs_the_config_arms_on_200_digits(
     tmp_path):
   args = ablate_search.parse_args(['--out', str(tmp_path)])
   budget = ablate_search.Budget()
   small = ablate_search.dataset_arms(args, 'digits_small')
-  assert [a.name for a in small] == ['search', 'da_learned', 'da_uniform',
-                                     'hpo_learned', 'hpo_exact']
+  assert [a.name for a in small] == [
+      'search', 'da_learned', 'da_uniform', 'hpo_learned', 'searched',
+      'random0', 'random1', 'random2', 'random3', 'random4', 'hpo_exact']
   assert len(ablate_search.dataset_arms(args, 'digits')) == 31
+  genotype = lambda dataset, arm: [
+      f.split('=', 1)[1]
+      for f in ablate_search.command(args, budget, dataset, 0, arm)
+      if 'model.genotype=' in f]
   for arm in small:
-    flags = lambda dataset: set(
-        ablate_search.command(args, budget, dataset, 0, arm)[5:])
+    flags = lambda dataset: {
+        f for f in ablate_search.command(args, budget, dataset, 0, arm)[5:]
+        if 'model.genotype=' not in f}
     # The same run as on digits, on a subset half of which is held out.
     assert flags('digits_small') - flags('digits') == {
         '--config.dataset.max_train_examples=200',
         '--config.dataset.val_ratio=0.5'}
     assert flags('digits') <= flags('digits_small')
+    # The same random cells as on digits; the searched one its own.
+    if isinstance(arm.genotype, int):
+      (mine,), (theirs,) = genotype('digits_small', arm), genotype('digits',
+                                                                   arm)
+      assert mine != theirs and open(mine).read() == open(theirs).read()
+    elif arm.genotype is not None:
+      (path,) = genotype('digits_small', arm)
+      assert os.path.join('digits_small', 'seed0', 'search') in path
   # Its report compares only the arms it runs.
   records = [{'dataset': 'digits_small', 'seed': seed, 'arm': arm,
               'mode': 'train', 'status': 'finished', 'test_accuracy': test,
