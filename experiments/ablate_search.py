@@ -226,12 +226,14 @@ def arms(random_genotypes: int, eta_draws: int) -> tuple[Arm, ...]:
 
 
 def dataset_arms(args: argparse.Namespace, dataset: str) -> tuple[Arm, ...]:
-  """The arms that run on `dataset`: all, or those `DATASET_ARMS` names."""
-  every = arms(args.random_genotypes, args.eta_draws)
-  if dataset not in DATASET_ARMS:
-    return every
-  return tuple(a for a in every
-               if any(_named(a.name, n) for n in DATASET_ARMS[dataset]))
+  """The arms that run on `dataset`: all, or those `DATASET_ARMS` names;
+  of these, those `args.arms` names, if it names any."""
+  chosen = arms(args.random_genotypes, args.eta_draws)
+  for names in (DATASET_ARMS.get(dataset), args.arms):
+    if names:
+      chosen = tuple(a for a in chosen
+                     if any(_named(a.name, n) for n in names))
+  return chosen
 
 
 # (component, learned arm, baseline arms) of each comparison; a prefix
@@ -648,6 +650,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--random-genotypes', type=int, default=5)
   parser.add_argument('--eta-draws', type=int, default=3,
                       help='drawn starts η₀ of the HPO-from-η₀ pairs')
+  parser.add_argument('--arms', default=[],
+                      type=lambda s: [a for a in s.split(',') if a],
+                      help='run and report only these arms (names, or '
+                      'prefixes such as fixed_eta); default: all')
   parser.add_argument('--jobs', type=int, default=2,
                       help='runs at a time (each on one XLA thread if > 1)')
   for field in dataclasses.fields(Budget):
@@ -661,6 +667,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   unknown = sorted(set(args.datasets) - set(DATASETS))
   if unknown:
     parser.error(f'unknown datasets {unknown}; choose from {DATASETS}')
+  names = {a.name for a in arms(args.random_genotypes, args.eta_draws)}
+  unknown = sorted(set(args.arms) - names - set(PREFIXES))
+  if unknown:
+    parser.error(f'unknown arms {unknown}; choose from {sorted(names)} or '
+                 f'the prefixes {list(PREFIXES)}')
   args.argv = list(argv)
   args.out = os.path.abspath(args.out)
   args.cifar10 = os.path.abspath(args.cifar10)

@@ -483,6 +483,19 @@ def test_ablate_search_digits_small_runs_the_config_arms_on_200_digits(
   assert '`hpo_eta` against' not in body and 'digits_small: 200 digits' in body
 
 
+def test_ablate_search_arms_flag_selects_arms_by_name_or_prefix():
+  args = ablate_search.parse_args(['--arms', 'fixed_eta,hpo_eta_exact'])
+  assert [a.name for a in ablate_search.dataset_arms(args, 'cifar10')] == [
+      'fixed_eta0', 'hpo_eta_exact0', 'fixed_eta1', 'hpo_eta_exact1',
+      'fixed_eta2', 'hpo_eta_exact2']
+  # Within a data set's own arms only.
+  args = ablate_search.parse_args(['--arms', 'search,fixed_eta'])
+  assert [a.name for a in ablate_search.dataset_arms(
+      args, 'digits_small')] == ['search']
+  with pytest.raises(SystemExit):
+    ablate_search.parse_args(['--arms', 'hpo_eta_exac'])
+
+
 def test_ablate_search_verdict():
   assert ablate_search.verdict([0.9, 0.91, 0.92], [0.8, 0.81, 0.82]).startswith(
       'beats')
