@@ -49,6 +49,8 @@ summary reports accuracy on the HPO split (held out from training) beside
 the test accuracy; changes to the search dynamics are chosen on the former.
 
   python -m experiments.ablate_search                  # the whole campaign
+  python -m experiments.ablate_search --datasets cifar10 --seeds 3,4 \
+    --arms fixed_eta,hpo_eta_exact --report-dir /tmp/replication  # some arms
   python -m experiments.ablate_search --datasets digits --seeds 0 \
     --digits-steps 6 --search-epochs 1 --random-genotypes 1 \
     --set dataset.image_size=8 --set model.channels=4 --set model.layers=2 \
