@@ -293,9 +293,9 @@ def dataset_overrides(dataset: str, budget: Budget, cifar10: str
   if dataset == 'digits':
     return [f'num_train_steps={budget.digits_steps}']
   if dataset == DIGITS_SMALL:
-    return [f'num_train_steps={budget.digits_steps}',
-            f'dataset.max_train_examples={budget.digits_small_examples}',
-            f'dataset.val_ratio={DIGITS_SMALL_VAL_RATIO}']
+    return dataset_overrides('digits', budget, cifar10) + [
+        f'dataset.max_train_examples={budget.digits_small_examples}',
+        f'dataset.val_ratio={DIGITS_SMALL_VAL_RATIO}']
   return ['dataset.source=image_folder', f'dataset.path={cifar10}',
           f'dataset.image_size={budget.cifar10_image_size}',
           f'dataset.max_train_examples={budget.cifar10_train_examples}',
@@ -602,8 +602,8 @@ def report_body(records: Sequence[dict[str, Any]], args: argparse.Namespace,
       'otherwise (digits: 16 px; CIFAR-10: a class-balanced subset, '
       f'{budget.cifar10_image_size} px, flips; {DIGITS_SMALL}: '
       f'{budget.digits_small_examples} digits, '
-      f'{DIGITS_SMALL_VAL_RATIO:.0%} of them the HPO split). Accuracy in %, mean ± sample '
-      'sd over seeds (random genotypes: over every genotype and seed); in '
+      f'{DIGITS_SMALL_VAL_RATIO:.0%} of them the HPO split). Accuracy in %, '
+      'mean ± sample sd over seeds (random genotypes: over every genotype and seed); in '
       'brackets the accuracy on the HPO split, on which any choice is made.',
   ]
   for dataset in args.datasets:
